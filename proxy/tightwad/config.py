@@ -1,0 +1,288 @@
+"""The proxy's configuration: one YAML file, environment overrides, validated up front.
+
+The Ansible role renders a file of this same schema (``Config.model_json_schema()`` describes
+every field). Environment variables override it: ``TIGHTWAD_<SECTION>__<KEY>=value``, one ``__``
+per level, any case (``TIGHTWAD_LISTEN__PORT=9000``, ``TIGHTWAD_AUTH__TOKEN=...``). ``TIGHTWAD_``
+variables without ``__`` (``TIGHTWAD_CACHE``, ...) belong to other tools and are ignored.
+
+Every problem surfaces as one :class:`ConfigError` line naming the key, e.g.
+``config error: speculation.k_max: Input should be greater than or equal to 1``; values are never
+echoed back, so a secret in the wrong place does not end up in a log.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
+
+ENV_PREFIX = "TIGHTWAD_"
+ENV_NESTING = "__"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, as one line that names the key and what is expected."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must not silently fall back to a default).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_url(value: str) -> str:
+    value = value.strip().rstrip("/")
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises on a malformed port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
+            or parts.query or parts.fragment:
+        raise ValueError("expected an http:// or https:// base URL such as http://127.0.0.1:8090")
+    return value
+
+
+def _check_secret(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and not value.get_secret_value().strip():
+        raise ValueError("must not be empty; leave the key out to run without one")
+    return value
+
+
+class ListenConfig(_Section):
+    """Where the proxy serves the OpenAI API."""
+
+    host: str = Field("127.0.0.1", description=(
+        "Address to bind. Anything but loopback requires auth.token "
+        "(or auth.allow_unauthenticated_remote)."))
+    port: int = Field(8088, ge=1, le=65535, description="TCP port of the OpenAI-compatible API.")
+
+
+class AuthConfig(_Section):
+    """Who may use the proxy."""
+
+    token: SecretStr | None = Field(None, description=(
+        "Bearer token clients must send (Authorization: Bearer <token>). Never logged."))
+    allow_unauthenticated_remote: bool = Field(False, description=(
+        "Serve on a non-loopback address without a token; only behind a firewall you trust."))
+
+    check_token = field_validator("token")(_check_secret)
+
+
+class TargetConfig(_Section):
+    """The coordinator: the pooled llama-server holding the big model."""
+
+    url: str = Field("http://127.0.0.1:8090", description="Base URL of the coordinator.")
+    api_key: SecretStr | None = Field(None, description=(
+        "Key the coordinator expects (its --api-key), if any. Never logged."))
+    timeout_s: float = Field(300.0, gt=0, description=(
+        "Longest wait for one answer from the coordinator (a verify, a tokenize, or the gap "
+        "between streamed chunks in pass-through); then the request fails with 503."))
+    slots: int = Field(1, ge=1, description=(
+        "Parallel slots of the coordinator (its -np); the proxy runs at most this many "
+        "requests at once and queues the rest."))
+
+    check_url = field_validator("url")(_check_url)
+    check_api_key = field_validator("api_key")(_check_secret)
+
+
+class DrafterConfig(_Section):
+    """The drafter: a small llama-server with the same tokenizer as the target."""
+
+    url: str = Field("http://127.0.0.1:8091", description="Base URL of the drafter.")
+    api_key: SecretStr | None = Field(None, description="Key the drafter expects, if any.")
+    timeout_s: float = Field(5.0, gt=0, description=(
+        "Deadline for one draft call; past it the round goes on without a draft (the target "
+        "decodes alone), so a slow or dead drafter costs speed, never answers."))
+    slots: int = Field(1, ge=1, description="Parallel slots of the drafter (its -np).")
+
+    check_url = field_validator("url")(_check_url)
+    check_api_key = field_validator("api_key")(_check_secret)
+
+
+class SpeculationConfig(_Section):
+    """How the proxy speculates."""
+
+    mode: Literal["remote", "native", "off"] = Field("remote", description=(
+        "remote: the proxy drafts on the drafter and verifies on the coordinator; native: the "
+        "coordinator's own --spec-type draft-simple does it (the proxy passes requests "
+        "through); off: plain pass-through."))
+    k_min: int = Field(1, ge=1, description="Fewest tokens drafted per round.")
+    k_max: int = Field(16, ge=1, le=256, description=(
+        "Most tokens drafted per round; the coordinator must accept verify batches of k_max + 1 "
+        "outputs."))
+    k_initial: int = Field(4, ge=1, description="Draft length of a request's first round.")
+    adaptive: bool = Field(True, description=(
+        "Choose k each round from measured acceptance and timings (else always k_initial)."))
+    n_probs: int = Field(40, ge=1, le=1024, description=(
+        "Top log-probabilities requested per position when sampling (temperature > 0). The "
+        "proxy's sampling is exact when the top-k/top-p/min-p cut falls inside them, always when "
+        "top_k <= n_probs; else it asks for more or lets the target sample. Larger costs "
+        "bandwidth per verify."))
+
+    @model_validator(mode="after")
+    def _k_order(self) -> SpeculationConfig:
+        if not self.k_min <= self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) must not exceed k_max ({self.k_max})")
+        if not self.k_min <= self.k_initial <= self.k_max:
+            raise ValueError(f"k_initial ({self.k_initial}) must lie between k_min "
+                             f"({self.k_min}) and k_max ({self.k_max})")
+        return self
+
+
+class LimitsConfig(_Section):
+    """What a single request may ask of the pool."""
+
+    max_body_bytes: int = Field(1 << 20, ge=1024, description=(
+        "Largest request body accepted (bytes); larger ones get 413."))
+    max_tokens_cap: int = Field(4096, ge=1, description=(
+        "Upper bound on a request's max_tokens; larger requests are clamped to it."))
+    default_max_tokens: int = Field(512, ge=1, description=(
+        "max_tokens for a request that does not say."))
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> LimitsConfig:
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must not exceed "
+                             f"max_tokens_cap ({self.max_tokens_cap})")
+        return self
+
+
+class Config(_Section):
+    """The whole proxy configuration."""
+
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    drafter: DrafterConfig = Field(default_factory=DrafterConfig)
+    speculation: SpeculationConfig = Field(default_factory=SpeculationConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """Nested overrides from ``TIGHTWAD_A__B=v`` variables, and which variable set each key."""
+    tree: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    for name in sorted(env):
+        if not name.upper().startswith(ENV_PREFIX) or ENV_NESTING not in name:
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split(ENV_NESTING))
+        if not all(path):
+            raise ConfigError(f"config error: {name}: empty key; write TIGHTWAD_SECTION__KEY, "
+                              "e.g. TIGHTWAD_LISTEN__PORT=9000")
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config error: {name}: {'.'.join(path[:-1])} is a value, "
+                                  "not a section")
+            node = child
+        if isinstance(node.get(path[-1]), dict):
+            raise ConfigError(f"config error: {name}: {'.'.join(path)} is a section; "
+                              "set one of its keys instead")
+        node[path[-1]] = env[name]
+        origin[path] = name
+    return tree, origin
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config error: {path}: not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config error: {path}:{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path}: expected a mapping of sections "
+                          f"({', '.join(Config.model_fields)}), got {type(data).__name__}")
+    return data
+
+
+def _keys_at(loc: tuple[str, ...]) -> list[str]:
+    """The keys the schema allows at ``loc`` (a section path)."""
+    model: Any = Config
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _describe(exc: ValidationError, origin: Mapping[tuple[str, ...], str]) -> str:
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        loc = tuple(str(part) for part in error["loc"])
+        key = ".".join(loc) or "(top level)"
+        # An env variable explains an error at its key or below it; an unknown section set
+        # from the environment is reported at the section, above the variable's key.
+        unknown = error["type"] == "extra_forbidden"
+        source = next((f" (from {var})" for path, var in origin.items()
+                       if loc[: len(path)] == path or (unknown and path[: len(loc)] == loc)), "")
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = f"unknown key; expected one of: {', '.join(_keys_at(loc[:-1]))}"
+        lines.append(f"{key}{source}: {message}")
+    return "config error: " + "; ".join(lines)
+
+
+def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-parsed mapping, with ``TIGHTWAD_*__*`` overrides from ``env``."""
+    overrides, origin = _env_overrides(env or {})
+    try:
+        return Config.model_validate(_merge(dict(data), overrides))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file at ``path`` (None: defaults only), apply ``env`` (None: os.environ)."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    return parse_config(data, os.environ if env is None else env)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name may resolve anywhere, so it counts as remote
+
+
+def check_bind_security(config: Config) -> None:
+    """Refuse to serve a non-loopback address without a token, unless explicitly allowed."""
+    host = config.listen.host
+    if _is_loopback(host) or config.auth.token is not None:
+        return
+    if config.auth.allow_unauthenticated_remote:
+        return
+    raise ConfigError(
+        f"config error: listen.host: refusing to serve {host or 'all addresses'} without a "
+        "token; set auth.token (or TIGHTWAD_AUTH__TOKEN), listen on 127.0.0.1, or set "
+        "auth.allow_unauthenticated_remote: true if a firewall already guards the port")

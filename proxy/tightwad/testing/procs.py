@@ -1,0 +1,246 @@
+"""Start real llama.cpp processes on loopback, wait until they serve, and always tear them down.
+
+Used by the test fixtures and the local demo pool. Every process gets a free port, its own log
+file and its own process group; ``ProcessGroup.close()`` stops them all (SIGTERM, then SIGKILL),
+also when a test fails or the demo is interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+LOOPBACK = "127.0.0.1"
+
+
+class ProcessFailed(RuntimeError):
+    """A process exited or never became ready; the message carries the tail of its log."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Plain TCP reachability. Never speaks RPC: a worker serves one client at a time."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    log_path: Path
+    popen: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def fail(self, why: str) -> ProcessFailed:
+        return ProcessFailed(f"{self.name} {why}; log {self.log_path}:\n{self.log_tail()}")
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it after ``grace`` seconds; return the exit code."""
+        if self.popen.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.popen.wait(10)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a pulled plug would."""
+        self._signal(signal.SIGKILL)
+        self.popen.wait(10)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass
+class RpcWorker(Proc):
+    host: str = LOOPBACK
+    port: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class HTTPError(RuntimeError):
+    def __init__(self, status: int, body: str, url: str):
+        super().__init__(f"HTTP {status} from {url}: {body[:500]}")
+        self.status, self.body = status, body
+
+
+@dataclass
+class LlamaServer(Proc):
+    host: str = LOOPBACK
+    port: int = 0
+    model: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def request(self, method: str, path: str, body: Any = None,
+                timeout: float = 60) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        text = raw.decode("utf-8", errors="replace")
+        try:
+            return status, json.loads(text)
+        except json.JSONDecodeError:
+            return status, text
+
+    def post_raw(self, path: str, body: Any, timeout: float = 60) -> tuple[int, Any]:
+        return self.request("POST", path, body, timeout)
+
+    def post(self, path: str, body: Any, timeout: float = 60) -> Any:
+        status, payload = self.request("POST", path, body, timeout)
+        if status != 200:
+            raise HTTPError(status, json.dumps(payload) if not isinstance(payload, str)
+                            else payload, self.url + path)
+        return payload
+
+    def get(self, path: str, timeout: float = 30) -> Any:
+        status, payload = self.request("GET", path, None, timeout)
+        if status != 200:
+            raise HTTPError(status, str(payload), self.url + path)
+        return payload
+
+    def healthy(self) -> bool:
+        try:
+            return self.request("GET", "/health", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+
+@dataclass
+class ProcessGroup:
+    """Owns every process it starts; ``close()`` (or leaving the ``with`` block) stops them all."""
+
+    bin_dir: Path
+    log_dir: Path
+    threads: int = 1
+    procs: list[Proc] = field(default_factory=list)
+
+    def __enter__(self) -> "ProcessGroup":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _spawn(self, cls: type, name: str, args: Sequence[str], env: dict | None = None,
+               **attrs: Any) -> Any:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("w") as log_fh:
+            popen = subprocess.Popen(
+                [str(a) for a in args], stdin=subprocess.DEVNULL, stdout=log_fh,
+                stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
+        proc = cls(name=name, args=[str(a) for a in args], log_path=log_path, popen=popen,
+                   **attrs)
+        self.procs.append(proc)
+        return proc
+
+    def _unique(self, base: str) -> str:
+        taken = {p.name for p in self.procs}
+        if base not in taken:
+            return base
+        return next(f"{base}-{i}" for i in range(2, 10_000) if f"{base}-{i}" not in taken)
+
+    def rpc_worker(self, *, name: str | None = None, port: int | None = None,
+                   host: str = LOOPBACK, cache: bool = False, args: Sequence[str] = (),
+                   timeout: float = 30) -> RpcWorker:
+        """Start ``ggml-rpc-server`` and wait until its port accepts connections."""
+        port = port or free_port(host)
+        name = self._unique(name or "rpc-worker")
+        cmd = [self.bin_dir / "ggml-rpc-server", "--host", host, "--port", str(port),
+               "--threads", str(self.threads), *(["--cache"] if cache else []), *args]
+        # The tensor cache (-c) lives under LLAMA_CACHE: keep it inside the log dir.
+        env = {"LLAMA_CACHE": str(self.log_dir / f"{name}.cache")}
+        worker: RpcWorker = self._spawn(RpcWorker, name, cmd, env, host=host, port=port)
+        deadline = time.monotonic() + timeout
+        while not tcp_open(host, port):
+            if not worker.alive():
+                raise worker.fail(f"exited with code {worker.popen.returncode}")
+            if time.monotonic() > deadline:
+                raise worker.fail(f"did not listen on {host}:{port} within {timeout:.0f} s")
+            time.sleep(0.05)
+        return worker
+
+    def llama_server(self, model: Path, *, name: str | None = None,
+                     rpc: Sequence[RpcWorker | str] = (), args: Sequence[str] = (),
+                     ctx: int = 2048, slots: int = 1, port: int | None = None,
+                     host: str = LOOPBACK, timeout: float = 120, wait: bool = True) -> LlamaServer:
+        """Start ``llama-server`` (a pooled coordinator when ``rpc`` is given) and wait for health."""
+        port = port or free_port(host)
+        name = self._unique(name or ("coordinator" if rpc else "llama-server"))
+        cmd: list[Any] = [self.bin_dir / "llama-server", "-m", model, "--host", host,
+                          "--port", str(port), "-c", str(ctx), "-np", str(slots),
+                          "--threads", str(self.threads), "--no-webui"]
+        if rpc:
+            endpoints = [w.endpoint if isinstance(w, RpcWorker) else w for w in rpc]
+            cmd += ["--rpc", ",".join(endpoints), "-ngl", "999"]
+        cmd += list(args)
+        server: LlamaServer = self._spawn(LlamaServer, name, cmd, host=host, port=port,
+                                          model=model)
+        if wait:
+            self.wait_healthy(server, timeout)
+        return server
+
+    @staticmethod
+    def wait_healthy(server: LlamaServer, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not server.healthy():
+            if not server.alive():
+                raise server.fail(f"exited with code {server.popen.returncode}")
+            if time.monotonic() > deadline:
+                raise server.fail(f"was not healthy within {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
