@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
 from tightwad import build as llama_build
 from tightwad.testing.models import ModelSet, ensure_models
+from tightwad.testing.inproc import PROXY_SLOTS, VERIFY_MAX_TOKENS, ProxyThread, proxy_config
 from tightwad.testing.procs import LlamaServer, Proc, ProcessGroup, RpcWorker
 
 
@@ -113,18 +114,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 
 # --- proxy fixtures ---------------------------------------------------------------------------
-# The tightwad proxy in-process, against real llama-servers. The proxy runs on its own event
-# loop in a background thread, so tests can use blocking clients (the official `openai` client,
-# urllib) and still reach the proxy's engine object for its statistics.
-
-import asyncio  # noqa: E402
-import threading  # noqa: E402
-from typing import Any, Callable, Coroutine  # noqa: E402
-
-from tightwad.testing.procs import free_port  # noqa: E402
-
-VERIFY_MAX_TOKENS = 32
-PROXY_SLOTS = 4
 
 
 @pytest.fixture(scope="module")
@@ -139,80 +128,6 @@ def spec_pool(bin_dir: Path, models: ModelSet,
             args=["--verify-max-tokens", str(VERIFY_MAX_TOKENS)])
         drafter = group.llama_server(models.draft, name="drafter", slots=PROXY_SLOTS)
         yield Pool(group, workers, coordinator, drafter)
-
-
-class ProxyThread:
-    """A tightwad proxy app served on a free loopback port from a background event loop."""
-
-    def __init__(self, config: Any) -> None:
-        from tightwad.api import ENGINE, create_app
-
-        self.config = config
-        self.app = create_app(config)
-        self.engine = self.app[ENGINE]
-        self.port = config.listen.port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="tightwad-proxy", daemon=True)
-        self._runner: Any = None
-
-    def _run(self) -> None:
-        from aiohttp import web
-
-        asyncio.set_event_loop(self.loop)
-
-        async def start() -> None:
-            self._runner = web.AppRunner(self.app, handler_cancellation=True)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-        try:
-            self.loop.run_until_complete(start())
-        except BaseException as exc:  # reported by start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self._runner.cleanup())
-        self.loop.close()
-
-    def start(self) -> "ProxyThread":
-        self._thread.start()
-        self._ready.wait(120)
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 120) -> Any:
-        """Run a coroutine on the proxy's loop (e.g. to read engine state) and wait for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def status(self) -> dict:
-        return self.engine.status()
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(60)
-
-
-def proxy_config(target: LlamaServer, drafter: LlamaServer | None, **sections: Any) -> Any:
-    """A validated proxy config for these servers; ``sections`` override/extend it."""
-    from tightwad.config import parse_config
-
-    data: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": free_port()},
-        "target": {"url": target.url, "slots": PROXY_SLOTS, "timeout_s": 60},
-        "drafter": {"url": drafter.url if drafter else "http://127.0.0.1:9",
-                    "slots": PROXY_SLOTS, "timeout_s": 5},
-        "speculation": {"mode": "remote", "k_max": 16},
-    }
-    for section, values in sections.items():
-        data[section] = {**data.get(section, {}), **values}
-    return parse_config(data, env={})
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ def test_cache_key_follows_patches_backend_and_flags(tmp_path: Path) -> None:
     _write(patches / "notes.txt", "not a patch: ignored")
     first = b.build_key("cpu", patches_dir=patches)
     assert first == b.build_key("cpu", patches_dir=patches)  # stable
-    assert first.name.startswith(f"{b.PIN_COMMIT[:12]}-cpu-{first.patch_set[:12]}")
+    assert first.name == f"{b.PIN_COMMIT[:12]}-cpu-{first.patch_set[:12]}-{first.flags_hash[:8]}"
 
     _write(patches / "0001-a.patch", "one, changed")
     changed = b.build_key("cpu", patches_dir=patches)
@@ -200,7 +200,7 @@ def test_cli_reports_the_cached_build(llama: b.Build, cache_dir: Path) -> None:
 def test_binaries_report_the_pinned_commit(llama: b.Build) -> None:
     server = subprocess.run([llama.binary("llama-server"), "--version"], capture_output=True,
                             text=True, timeout=60)
-    assert f"({b.PIN_SHORT})" in server.stdout + server.stderr
+    assert f"(build 1, commit {b.PIN_SHORT})" in server.stdout + server.stderr
     # --version on the worker comes from patches/llama.cpp/0002-rpc-server-version.patch.
     worker = subprocess.run([llama.binary("ggml-rpc-server"), "--version"], capture_output=True,
                             text=True, timeout=60)

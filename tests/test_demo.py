@@ -1,4 +1,4 @@
-"""README command (a): the local demo pool comes up, answers, and leaves nothing behind on Ctrl-C."""
+"""README command (a): the local pool behind the proxy comes up, answers, and leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from tightwad.testing.procs import LOOPBACK, free_port, tcp_open
 
 
 def test_demo_serves_until_interrupted(llama, models, cache_dir: Path) -> None:
-    ports = [free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(5)]
     cmd = [sys.executable, "-m", "tightwad.demo", "--cache", str(cache_dir), "--port", str(ports[0]),
-           "--drafter-port", str(ports[1]), "--worker-ports", f"{ports[2]},{ports[3]}"]
+           "--coordinator-port", str(ports[1]), "--drafter-port", str(ports[2]),
+           "--worker-ports", f"{ports[3]},{ports[4]}"]
     demo = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -33,6 +34,7 @@ def test_demo_serves_until_interrupted(llama, models, cache_dir: Path) -> None:
         endpoint = re.search(r"endpoint: (http://\S+/v1)", output).group(1)
         assert endpoint == f"http://{LOOPBACK}:{ports[0]}/v1"
         assert re.search(r"completion:\s+'.*' \(16 tokens", output), output
+        assert "speculation: remote drafting, active" in output
         with urllib.request.urlopen(f"{endpoint}/models", timeout=10) as resp:
             assert json.load(resp)["data"][0]["id"]
         assert all(tcp_open(LOOPBACK, p) for p in ports)

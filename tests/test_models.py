@@ -193,13 +193,38 @@ def test_fingerprint_is_the_vocab_files_and_tells_tokenizers_apart(
     assert vocab_fingerprint(small) != vocab_fingerprint(llama_spm)
 
 
-def test_fingerprint_refuses_a_file_without_tokenizer(tmp_path: Path) -> None:
-    writer = GGUFWriter(tmp_path / "bare.gguf", "llama")
+def _vocab_file(path: Path, tokens: list[str] | None, model: str = "gpt2", **extra: int) -> Path:
+    writer = GGUFWriter(path, "llama")
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre("default")
+    if tokens is not None:
+        writer.add_token_list(tokens)
+    for key, value in extra.items():
+        writer.add_uint32(key, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
+    return path
+
+
+def test_fingerprint_covers_tokens_boundaries_and_model(tmp_path: Path) -> None:
+    def fingerprint(tokens: list[str], model: str = "gpt2", **extra: int) -> str:
+        path = tmp_path / f"v{len(list(tmp_path.iterdir()))}.gguf"
+        return vocab_fingerprint(_vocab_file(path, tokens, model, **extra))
+
+    base = fingerprint(["a", "b", "c"])
+    # Keys that do not change the token ids leave it alone.
+    assert fingerprint(["a", "b", "c"], **{"tokenizer.ggml.bos_token_id": 2}) == base
+    assert fingerprint(["a", "b", "d"]) != base
+    assert fingerprint(["a", "c", "b"]) != base
+    assert fingerprint(["ab", "c", ""]) != fingerprint(["a", "bc", ""])
+    assert fingerprint(["a", "b", "c"], model="llama") != base
+
+
+def test_fingerprint_refuses_a_file_without_tokenizer(tmp_path: Path) -> None:
+    bare = _vocab_file(tmp_path / "bare.gguf", tokens=None)
     with pytest.raises(ValueError, match="no tokenizer.ggml.tokens"):
-        vocab_fingerprint(tmp_path / "bare.gguf")
+        vocab_fingerprint(bare)
 
 
 def test_write_is_atomic(

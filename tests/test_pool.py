@@ -27,8 +27,8 @@ def greedy(server: LlamaServer, prompt: str) -> dict:
 
 def buffers(log: str, kind: str) -> dict[str, float]:
     """Per-device buffer sizes (MiB) as the coordinator itself reports them at load time."""
-    pattern = rf"^\S+:\s+(\S+) {kind} buffer size =\s+([\d.]+) MiB"
-    return {name: float(size) for name, size in re.findall(pattern, log, re.MULTILINE)}
+    pattern = rf"(\S+) {kind} buffer size =\s+([\d.]+) MiB"
+    return {name: float(size) for name, size in re.findall(pattern, log)}
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

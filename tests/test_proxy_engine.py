@@ -5,8 +5,8 @@ Greedy identity: the proxy's remote-mode output must equal the target's own gree
 Batched verification differs from one-token decoding by float noise (docs/verify-api.md,
 Numerics), so at a near-tie of the target's top two tokens the argmax may flip. A divergence is
 accepted only when the proxy's and the reference's tokens are the target's top two at that
-position with log-probabilities within ``TOL`` (the tolerance of tests/test_verify.py); such
-cases are counted and reported, anything else fails.
+position with log-probabilities within ``NEAR_TIE_TOL`` (the tolerance of tests/test_verify.py);
+such cases are counted and reported, anything else fails.
 
 Sampling: a chi-square test over the first generated token after fixed prompts cannot tell the
 proxy's output from the target sampling alone, while the same test detects a deliberately wrong
@@ -28,13 +28,13 @@ from typing import Any
 import pytest
 
 import tightwad.rounds
-from conftest import PROXY_SLOTS, proxy_config
+from tightwad.testing.inproc import (NEAR_TIE_TOL, PROXY_SLOTS, greedy_text_verdict, proxy_config,
+                      top_two_gap)
 from tightwad.engine import Engine, Failed, Finished, GenerationRequest, TextDelta
 from tightwad.sampling import SamplingParams
 from tightwad.speculation import Acceptance
 from tightwad.testing.procs import LlamaServer
 
-TOL = 1e-2  # natural-log tolerance for a near-tie, as in tests/test_verify.py
 N_TOKENS = 128
 
 PROMPTS = [
@@ -65,6 +65,7 @@ PROMPTS = [
 class Run:
     tokens: list[int]
     text: str
+    count: int
     finished: Finished | None
     failed: Failed | None = None
 
@@ -72,14 +73,17 @@ class Run:
 async def collect(engine: Engine, request: GenerationRequest) -> Run:
     tokens: list[int] = []
     text: list[str] = []
+    count = 0
     async for event in engine.generate(request):
         if isinstance(event, TextDelta):
             tokens += event.tokens
+            count += event.count
             text.append(event.text)
         elif isinstance(event, Finished):
-            return Run(tokens, "".join(text), event)
+            assert event.completion_tokens == count
+            return Run(tokens, "".join(text), count, event)
         else:
-            return Run(tokens, "".join(text), None, event)
+            return Run(tokens, "".join(text), count, None, event)
     raise AssertionError("the engine ended without Finished or Failed")
 
 
@@ -101,17 +105,6 @@ def target_alone(server: LlamaServer, prompt: list[int], n: int, **sampling: Any
         "return_tokens": True, **sampling}, timeout=300)
 
 
-def near_tie(server: LlamaServer, context: list[int], ours: int, theirs: int) -> float | None:
-    """The top-2 gap at a diverging position when both tokens are the top two, else None."""
-    res = server.post("/completion", {"prompt": context, "n_predict": 1, "temperature": 0,
-                                      "n_probs": 5, "cache_prompt": False})
-    top = {t["id"]: t["logprob"] for t in res["completion_probabilities"][0]["top_logprobs"]}
-    best = sorted(top, key=top.get, reverse=True)[:2]  # type: ignore[arg-type]
-    if sorted(best) != sorted({ours, theirs}) or len(best) < 2:
-        return None
-    return abs(top[ours] - top[theirs])
-
-
 def compare_greedy(server: LlamaServer, prompt: list[int], ours: Run, ref: dict) -> str:
     """'same', or 'near-tie' (a flip the numerics allow); fails on anything else."""
     theirs = ref["tokens"]
@@ -122,8 +115,8 @@ def compare_greedy(server: LlamaServer, prompt: list[int], ours: Run, ref: dict)
              min(len(ours.tokens), len(theirs)))
     assert j < min(len(ours.tokens), len(theirs)), \
         f"outputs differ in length only ({len(ours.tokens)} vs {len(theirs)})"
-    gap = near_tie(server, prompt + theirs[:j], ours.tokens[j], theirs[j])
-    assert gap is not None and gap <= TOL, (
+    gap = top_two_gap(server, prompt + theirs[:j], ours.tokens[j], theirs[j])
+    assert gap is not None and gap <= NEAR_TIE_TOL, (
         f"divergence at token {j}: proxy {ours.tokens[j]}, target alone {theirs[j]}, "
         f"not a near-tie of the target's top two (gap {gap})")
     return "near-tie"
@@ -159,7 +152,8 @@ def test_greedy_remote_output_is_the_targets_own(spec_pool, record_property) -> 
     assert stats["tokens"] == N_TOKENS * len(PROMPTS)
     assert stats["tokens_per_round"] > 1.0, stats  # speculation actually saved passes
     assert stats["fallbacks"] == 0
-    assert verdicts["same"] >= len(PROMPTS) - 2, verdicts
+    # Each near-tie was checked above; many of them would point at a numerics regression.
+    assert verdicts["near-tie"] <= len(PROMPTS) // 4, verdicts
     for name, value in [("near_ties", verdicts["near-tie"]), ("acceptance", stats["acceptance"]),
                         ("tokens_per_round", stats["tokens_per_round"]),
                         ("proxy_tok_per_s", stats["tokens"] / seconds)]:
@@ -172,7 +166,30 @@ def test_greedy_remote_output_is_the_targets_own(spec_pool, record_property) -> 
 # -- sampling -------------------------------------------------------------------------------
 
 SAMPLING = SamplingParams(temperature=1.0, top_k=40, top_p=1.0, min_p=0.0)
-CHI_PROMPT = "Hello world"  # the draft's first-token distribution differs a lot here (TV ~0.35)
+# Prompts after which draft and target tend to disagree on the first token; the test takes the
+# one where they disagree most (total variation of the two sampling distributions), so that a
+# rule that returns the draft's distribution instead of the target's is visible.
+CHI_PROMPTS = ["Once upon a time", "In 1492", "The capital of France is", "<html>", "1, 2, 3,"]
+
+
+def first_token_dist(server: LlamaServer, prompt: list[int]) -> dict[int, float]:
+    from tightwad.sampling import apply_chain
+
+    res = server.post("/completion", {"prompt": prompt, "n_predict": 1, "temperature": 0,
+                                      "n_probs": SAMPLING.top_k, "cache_prompt": False})
+    top = res["completion_probabilities"][0]["top_logprobs"]
+    return apply_chain([(t["id"], t["logprob"]) for t in top], SAMPLING)
+
+
+def most_disputed_prompt(target: LlamaServer, drafter: LlamaServer) -> tuple[list[int], float]:
+    best: tuple[list[int], float] = ([], -1.0)
+    for text in CHI_PROMPTS:
+        prompt = tokenize(target, text)
+        p, q = first_token_dist(target, prompt), first_token_dist(drafter, prompt)
+        tv = 0.5 * sum(abs(p.get(t, 0.0) - q.get(t, 0.0)) for t in set(p) | set(q))
+        if tv > best[1]:
+            best = (prompt, tv)
+    return best
 
 
 def chi2_sf(x: float, dof: int) -> float:
@@ -227,7 +244,9 @@ def homogeneity_p(a: Counter, b: Counter) -> float:
 def test_sampling_is_indistinguishable_from_the_target_and_a_wrong_rule_is_not(
         spec_pool, monkeypatch, record_property) -> None:
     coordinator = spec_pool.coordinator
-    prompt = tuple(tokenize(coordinator, CHI_PROMPT))
+    chosen, tv = most_disputed_prompt(coordinator, spec_pool.drafter)
+    assert tv > 0.15, f"the test models' draft agrees with the target too well (TV {tv:.3f})"
+    prompt = tuple(chosen)
     n_proxy, n_wrong = 800, 400
 
     # Target alone, sampling its first token: n_predict 1, a fresh seed per draw.
@@ -261,9 +280,11 @@ def test_sampling_is_indistinguishable_from_the_target_and_a_wrong_rule_is_not(
     monkeypatch.setattr(tightwad.rounds, "speculative_sample", always_accept)
     wrong, _ = asyncio.run(first_tokens(n_wrong, 50_000))
     p_wrong = homogeneity_p(wrong, alone)
+    record_property("total_variation", tv)
     record_property("p_proxy", p_ok)
     record_property("p_wrong_rule", p_wrong)
-    print(f"\nchi-square p: proxy vs target {p_ok:.3g}, always-accept vs target {p_wrong:.3g}")
+    print(f"\nfirst token, TV(target, draft) {tv:.3f}: chi-square p proxy vs target {p_ok:.3g}, "
+          f"always-accept vs target {p_wrong:.3g}")
     assert p_ok > 1e-3, f"proxy sampling differs from the target's (p = {p_ok:.3g})"
     assert p_wrong < 1e-6, f"the test cannot see a wrong acceptance rule (p = {p_wrong:.3g})"
 
@@ -321,6 +342,15 @@ def test_concurrent_mixed_requests_equal_each_request_alone(spec_pool) -> None:
     alone, together, peak_busy, peak_waiting = asyncio.run(scenario())
     for request, a, b in zip(requests, alone, together):
         assert a.failed is None and b.failed is None
+        if request.sampling.greedy and b.tokens != a.tokens:
+            # Concurrent slots share the target's batches, so the verify batches differ from
+            # the lone run's: only a near-tie may flip.
+            j = next(i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y)
+            gap = top_two_gap(spec_pool.coordinator, list(request.prompt) + a.tokens[:j],
+                              a.tokens[j], b.tokens[j])
+            assert gap is not None and gap <= NEAR_TIE_TOL, \
+                f"request {request.prompt[:4]}... differs among others at token {j}"
+            continue
         assert (b.tokens, b.text, b.finished.reason) == (a.tokens, a.text, a.finished.reason), \
             f"request {request.prompt[:4]}... differs when run among others"
     assert peak_busy == PROXY_SLOTS and peak_waiting > 0  # 8 requests on 4 slots: some queued
@@ -369,8 +399,9 @@ def test_foreign_drafter_disables_speculation_and_output_stays_correct(spec_pool
     check = status["tokenizer_check"]
     assert check["match"] is False and "differs" in check["reason"], check
     assert status["speculation_active"] is False
-    assert run.tokens == ref["tokens"] and run.text == ref["content"]
+    assert run.text == ref["content"] and run.count == len(ref["tokens"])
     assert status["stats"]["drafted"] == 0
+    assert status["stats"]["rounds"] == 0  # passed through: one streamed target request
 
 
 def test_coordinator_without_verify_support_passes_through(spec_pool) -> None:
@@ -391,7 +422,7 @@ def test_coordinator_without_verify_support_passes_through(spec_pool) -> None:
     assert status["target"]["verify_limit"] == 0 and "--verify-max-tokens" in \
         status["target"]["verify"]
     assert not status["speculation_active"]
-    assert run.tokens == ref["tokens"] and run.text == ref["content"]
+    assert run.text == ref["content"] and run.count == len(ref["tokens"])
 
 
 def test_stalled_drafter_costs_speed_not_answers_and_drafting_resumes(spec_pool, procs,
@@ -426,3 +457,31 @@ def test_stalled_drafter_costs_speed_not_answers_and_drafting_resumes(spec_pool,
     assert again.tokens == ref["tokens"]
     assert again.finished.stats.drafted > 0, "drafting did not resume"
     assert after["drafter"]["available"] is True and after["speculation_active"]
+
+
+@pytest.mark.parametrize("mode", ["native", "off"])
+def test_native_and_off_modes_pass_through(procs, models, mode: str) -> None:
+    args = ["--spec-type", "draft-simple", "--spec-draft-model", str(models.draft)] \
+        if mode == "native" else []
+    target = procs.llama_server(models.target, name=f"{mode}-target", slots=2, args=args)
+    prompt = tokenize(target, PROMPTS[0])
+    ref = target_alone(target, prompt, 40)
+
+    async def scenario() -> tuple[Run, dict]:
+        engine = await started(proxy_config(target, None, speculation={"mode": mode},
+                                            target={"slots": 2}))
+        try:
+            return (await collect(engine, GenerationRequest(prompt=tuple(prompt), max_tokens=40)),
+                    engine.status())
+        finally:
+            await engine.close()
+
+    run, status = asyncio.run(scenario())
+    assert status["mode"] == mode and status["drafter"] is None
+    assert not status["speculation_active"] and status["stats"]["rounds"] == 0
+    assert run.finished.reason == "length" and run.count == 40
+    if mode == "off":
+        assert run.text == ref["content"]
+    else:  # the coordinator's own speculation: its greedy output up to near-ties
+        greedy_text_verdict(target, prompt, run.text, ref)
+        assert "draft acceptance" in target.log_text()  # it did speculate itself

@@ -10,7 +10,8 @@ import math
 import pytest
 
 from tightwad.config import LimitsConfig
-from tightwad.engine import Finished, GenerationRequest, _Output
+from tightwad.events import Finished, GenerationRequest
+from tightwad.output import Output
 from tightwad.llama import Completion, Position, TokenLogprob, parse_completion
 from tightwad.oai import ApiError, parse_chat, parse_completion as parse_oai_completion
 from tightwad.rounds import VerifyMismatch, settle, usable_draft
@@ -118,8 +119,8 @@ def test_parse_completion_reads_the_verify_fields() -> None:
 # -- the engine's output bookkeeping ----------------------------------------------------------
 
 
-def output(max_tokens: int = 10, stop: tuple[str, ...] = (), ignore_eos: bool = False) -> _Output:
-    return _Output(GenerationRequest(prompt=(1, 2), max_tokens=max_tokens, stop=stop,
+def output(max_tokens: int = 10, stop: tuple[str, ...] = (), ignore_eos: bool = False) -> Output:
+    return Output(GenerationRequest(prompt=(1, 2), max_tokens=max_tokens, stop=stop,
                                      ignore_eos=ignore_eos), eog=frozenset({0}))
 
 
@@ -179,6 +180,8 @@ def test_chat_request_is_parsed_with_llama_server_defaults() -> None:
     ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "seed": 1.5}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": 10 ** 30}, "top_k"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1e400}, "max_tokens"),
 ])
 def test_bad_chat_requests_are_400_naming_the_parameter(body: dict, param: str) -> None:
     with pytest.raises(ApiError) as err:

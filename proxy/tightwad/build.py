@@ -11,7 +11,7 @@ file to a build host and run it with the system ``python3``.
     python -m tightwad.build path   [same selection options]   # bin dir of a cached build, or exit 1
     python -m tightwad.build list                               # what the cache holds (JSON)
 
-Builds land in ``<cache>/builds/<commit>-<backend>-<patch-set hash>[-<flags hash>]/`` with a
+Builds land in ``<cache>/builds/<commit>-<backend>-<patch-set hash>-<flags hash>/`` with a
 ``manifest.json`` recording what they hold; a second call with the same key does no work.
 """
 
@@ -64,8 +64,10 @@ BASE_FLAGS = (
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     f"-DLLAMA_BUILD_COMMIT={PIN_SHORT}",
     f"-DLLAMA_BUILD_NUMBER={PIN_BUILD_NUMBER}",
-    # Keep ggml from asking whatever git repository happens to enclose the work tree.
-    "-DGIT_EXE=GIT_EXE-NOTFOUND",
+    # ggml asks git for its commit and would print "unknown" (the work tree is no checkout);
+    # a false, non-NOTFOUND GIT_EXE skips that (find_program re-searches a NOTFOUND value), so
+    # ggml inherits LLAMA_BUILD_COMMIT and both binaries report the pin.
+    "-DGIT_EXE=OFF",
 )
 BACKEND_FLAGS: dict[str, tuple[str, ...]] = {
     "cpu": ("-DGGML_METAL=OFF",),
@@ -168,11 +170,8 @@ class BuildKey:
 
     @property
     def name(self) -> str:
-        name = f"{self.commit[:12]}-{self.backend}-{self.patch_set[:12]}"
-        # The default flags of a backend are implied by its name; anything else is keyed too.
-        if list(self.flags) != cmake_flags(self.backend):
-            name += f"-{self.flags_hash[:8]}"
-        return name
+        # Flags are keyed too: a changed build setting must never reuse an older build.
+        return f"{self.commit[:12]}-{self.backend}-{self.patch_set[:12]}-{self.flags_hash[:8]}"
 
     @property
     def work_name(self) -> str:
@@ -525,7 +524,7 @@ def _install(cache: Path, key: BuildKey, work_build: Path, patches: Sequence[Pat
         binaries[target] = {"sha256": sha256_file(built),
                             "version": _binary_version(staging / "bin" / target)}
     version = binaries["llama-server"]["version"]
-    if f"({PIN_SHORT})" not in version and PIN_SHORT not in version:
+    if f"commit {PIN_SHORT}" not in version:
         raise BuildError(f"built llama-server reports {version!r}, not the pin {PIN_SHORT}")
     manifest = {
         "commit": key.commit,

@@ -1,9 +1,10 @@
-"""A complete local pool on loopback: 2 RPC workers, a pooled coordinator and a drafter.
+"""A complete local pool on loopback, served by the Tightwad proxy on :8088.
 
     python -m tightwad.demo            # (scripts/demo bootstraps first)
 
-It builds or reuses the pinned llama.cpp, writes the small test models, starts every process,
-answers one completion to prove the pool works, prints the endpoint and serves until Ctrl-C.
+It builds or reuses the pinned llama.cpp, writes the small test models, starts 2 RPC workers, a
+pooled coordinator that verifies drafts, a drafter and the proxy (remote drafting on), answers
+one completion through the proxy, prints the endpoint and serves until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from tightwad import build as llama_build
 from tightwad.testing.models import ensure_models
 from tightwad.testing.procs import LOOPBACK, ProcessFailed, ProcessGroup, tcp_open
 
+SLOTS = 4
+VERIFY_MAX_TOKENS = 32  # the largest draft the coordinator verifies in one pass
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tightwad.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=8090, help="coordinator (the endpoint)")
+    parser.add_argument("--port", type=int, default=8088, help="the proxy (the endpoint)")
+    parser.add_argument("--coordinator-port", type=int, default=8090)
     parser.add_argument("--drafter-port", type=int, default=8091)
     parser.add_argument("--worker-ports", default="50052,50053",
                         help="comma-separated ports, one RPC worker each")
@@ -40,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cache = args.cache or llama_build.default_cache_dir()
     worker_ports = [int(p) for p in args.worker_ports.split(",") if p]
-    busy = [p for p in [*worker_ports, args.port, args.drafter_port] if tcp_open(LOOPBACK, p)]
+    ports = [*worker_ports, args.coordinator_port, args.drafter_port, args.port]
+    busy = [p for p in ports if tcp_open(LOOPBACK, p)]
     if busy:
         print(f"error: port(s) {', '.join(map(str, busy))} on {LOOPBACK} are already in use; "
               "stop what holds them or pass other ports (see --help)", file=sys.stderr)
@@ -56,25 +62,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir = cache / "demo" / "logs"
     with ProcessGroup(bin_dir=build.bin_dir, log_dir=log_dir) as group:
         try:
-            print("starting 2 RPC workers, the coordinator and the drafter ...", flush=True)
+            print("starting 2 RPC workers, the coordinator, the drafter and the proxy ...",
+                  flush=True)
             workers = [group.rpc_worker(name=f"worker{i}", port=port, cache=True)
                        for i, port in enumerate(worker_ports)]
-            coordinator = group.llama_server(models.target, name="coordinator", rpc=workers,
-                                             port=args.port, slots=2)
-            group.llama_server(models.draft, name="drafter", port=args.drafter_port, slots=2)
-            answer = coordinator.post("/v1/completions", {
+            coordinator = group.llama_server(
+                models.target, name="coordinator", rpc=workers, port=args.coordinator_port,
+                slots=SLOTS, args=["--verify-max-tokens", str(VERIFY_MAX_TOKENS)])
+            drafter = group.llama_server(models.draft, name="drafter", port=args.drafter_port,
+                                         slots=SLOTS)
+            proxy = group.tightwad_proxy(target=coordinator, drafter=drafter, slots=SLOTS,
+                                         port=args.port)
+            answer = proxy.post("/v1/completions", {
                 "prompt": "The junk drawer of compute says", "max_tokens": 16, "temperature": 0})
+            spec = proxy.get("/tightwad/status")
         except (ProcessFailed, OSError) as exc:
             print(f"error: the pool did not come up: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 130
         print(f"workers:     {', '.join(w.endpoint for w in workers)}")
-        print(f"drafter:     http://{LOOPBACK}:{args.drafter_port}")
+        print(f"coordinator: {coordinator.url}   drafter: {drafter.url}")
+        active = "active" if spec["speculation_active"] else "OFF, see the proxy log"
+        print(f"speculation: {spec['mode']} drafting, {active}")
         print(f"logs:        {log_dir}")
         print(f"completion:  {answer['choices'][0]['text']!r} "
               f"({answer['usage']['completion_tokens']} tokens; random-weight test model)")
-        print(f"\nOpenAI-compatible endpoint: {coordinator.url}/v1   (Ctrl-C to stop)", flush=True)
+        print(f"\nOpenAI-compatible endpoint: {proxy.url}/v1   (Ctrl-C to stop)", flush=True)
         try:
             while all(p.alive() for p in group.procs):
                 time.sleep(1)

@@ -24,57 +24,24 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence, Union
+from typing import AsyncIterator, Sequence
 
 from tightwad.config import Config
-from tightwad.detok import StopMatcher, TextStream
+from tightwad.detok import StopMatcher
+from tightwad.events import Event, Failed, Finished, GenerationRequest, TextDelta
 from tightwad.llama import (CompletionRequest, UpstreamDown, UpstreamError, UpstreamFailure,
                             UpstreamTimeout)
 from tightwad.metrics import Metrics
+from tightwad.output import Output
 from tightwad.rounds import VerifyMismatch, settle, usable_draft
 from tightwad.sampling import Rng, SamplingParams, SparseDist
 from tightwad.speculation import AcceptanceEstimate, AdaptiveK
 from tightwad.stats import GlobalStats, RequestStats
 from tightwad.upstream import TargetInfo, Upstream
 
+__all__ = ["Engine", "Event", "Failed", "Finished", "GenerationRequest", "TextDelta", "failure"]
+
 log = logging.getLogger("tightwad.engine")
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: tuple[int, ...]
-    max_tokens: int
-    sampling: SamplingParams = SamplingParams(temperature=0.0)
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-    tokens: tuple[int, ...]
-    """The tokens consumed since the previous delta (their text may come in a later delta)."""
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: str
-    """``stop`` (end-of-generation token or stop string) or ``length``."""
-    prompt_tokens: int
-    completion_tokens: int
-    stats: RequestStats
-
-
-@dataclass(frozen=True)
-class Failed:
-    status: int
-    """The HTTP status this failure deserves when no output was sent yet."""
-    message: str
-    code: str
-    retry_after: float | None = None
-
-
-Event = Union[TextDelta, Finished, Failed]
 
 
 def failure(exc: UpstreamFailure) -> Failed:
@@ -201,11 +168,12 @@ class Engine:
             ignore_eos=request.ignore_eos), chunk_timeout_s=self.config.target.timeout_s)
         try:
             async for chunk in stream:
-                stats.tokens += len(chunk.tokens)
-                self.metrics.on_tokens(len(chunk.tokens))
+                count = max(0, chunk.n_predicted - stats.tokens)
+                stats.tokens += count
+                self.metrics.on_tokens(count)
                 scan = matcher.push(chunk.content)
-                if scan.text or chunk.tokens:
-                    yield TextDelta(scan.text, chunk.tokens)
+                if scan.text or count:
+                    yield TextDelta(scan.text, chunk.tokens, count)
                 if scan.stopped or chunk.stop:
                     tail = "" if scan.stopped else matcher.flush()
                     if tail:
@@ -241,7 +209,7 @@ class Engine:
         control = AdaptiveK(k=max(k_min, min(cfg.k_initial, k_max)), k_min=k_min, k_max=k_max,
                             adaptive=adaptive, acceptance=AcceptanceEstimate.with_prior())
         stats.speculative = self.up.speculation_active
-        out = _Output(request, info.eog)
+        out = Output(request, info.eog)
         context = list(request.prompt)
         draft_slot: int | None = None
         may_draft = True  # False once this request's drafting is hopeless (e.g. a mismatch)
@@ -266,10 +234,9 @@ class Engine:
 
                 seed = None if params.greedy else int(rng.uniform() * 2 ** 32)
                 t0 = time.monotonic()
-                verify = await self.up.call_target(target.complete(CompletionRequest(
-                    prompt=context + draft.tokens, n_predict=1, sampling=params, seed=seed,
-                    n_probs=n_probs, prompt_logprobs=pending + len(draft.tokens),
-                    id_slot=slot, ignore_eos=request.ignore_eos)))
+                verify = await self.up.call_target(target.verify(
+                    context, draft.tokens, scored=pending, sampling=params, seed=seed,
+                    n_probs=n_probs, id_slot=slot, ignore_eos=request.ignore_eos))
                 verify_s = time.monotonic() - t0
                 if pending:  # the bytes of last round's final token, scored as a prompt token
                     text, stopped = out.resolve(verify.prompt_probs[:pending])
@@ -311,13 +278,13 @@ class Engine:
             if draft_slot is not None and self.up.drafter_slots is not None:
                 self.up.drafter_slots.release(draft_slot)
 
-    async def _finish(self, out: _Output, reason: str, context: list[int], slot: int,
+    async def _finish(self, out: Output, reason: str, context: list[int], slot: int,
                       stats: RequestStats) -> AsyncIterator[Event]:
         if out.pending:  # the last token ended inside a character: ask for its bytes
             assert self.up.target is not None
             m = len(out.pending)
-            res = await self.up.call_target(self.up.target.complete(CompletionRequest(
-                prompt=context, n_predict=1, n_probs=1, prompt_logprobs=m, id_slot=slot)))
+            res = await self.up.call_target(self.up.target.verify(context, [], scored=m,
+                                                                  id_slot=slot))
             text, _ = out.resolve(res.prompt_probs[-m:])
             if text:
                 yield TextDelta(text, ())
@@ -373,62 +340,3 @@ class Engine:
         self.stats.fallbacks += 1
         self.metrics.on_fallback(reason)
         return _Draft()
-
-
-class _Output:
-    """Emitted tokens -> sendable text: end-of-generation, stop strings, max_tokens, and tokens
-    whose bytes arrive one round late (see :attr:`tightwad.rounds.Outcome.token_bytes`)."""
-
-    def __init__(self, request: GenerationRequest, eog: frozenset[int]) -> None:
-        self.request = request
-        self.eog = frozenset() if request.ignore_eos else eog
-        self.text = TextStream(request.stop)
-        self.count = 0
-        self.pending: list[int] = []
-        self.stopped = False
-
-    def take(self, tokens: Sequence[int],
-             token_bytes: Sequence[bytes | None]) -> tuple[TextDelta, str | None]:
-        """Consume tokens until one ends the output; the reason when one did."""
-        taken: list[int] = []
-        text: list[str] = []
-        for token, raw in zip(tokens, token_bytes):
-            if self.count >= self.request.max_tokens:
-                return TextDelta("".join(text), tuple(taken)), "length"
-            taken.append(token)
-            self.count += 1
-            if token in self.eog:
-                return TextDelta("".join(text), tuple(taken)), "stop"
-            if raw is None or self.pending:
-                self.pending.append(token)
-                continue
-            scan = self.text.push(raw)
-            text.append(scan.text)
-            if scan.stopped:
-                self.stopped = True
-                return TextDelta("".join(text), tuple(taken)), "stop"
-        reason = "length" if self.count >= self.request.max_tokens else None
-        return TextDelta("".join(text), tuple(taken)), reason
-
-    def resolve(self, positions: Sequence) -> tuple[str, bool]:
-        """The pending tokens' bytes, from prompt entries that score them; (text, stopped)."""
-        ids = [p.token.id for p in positions]
-        if ids != self.pending:
-            raise VerifyMismatch(f"expected prompt entries for {self.pending}, got {ids}")
-        self.pending = []
-        text: list[str] = []
-        for position in positions:
-            scan = self.text.push(position.token.bytes)
-            text.append(scan.text)
-            if scan.stopped:
-                self.stopped = True
-                return "".join(text), True
-        return "".join(text), False
-
-    def finish(self, reason: str, stats: RequestStats) -> list[Event]:
-        """What the stream still held back (a partial character, a possible stop string),
-        then the end."""
-        tail = self.text.finish()
-        events: list[Event] = [TextDelta(tail.text, ())] if tail.text else []
-        events.append(Finished(reason, len(self.request.prompt), self.count, stats))
-        return events

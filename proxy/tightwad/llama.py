@@ -112,8 +112,13 @@ class StreamChunk:
 
     content: str
     tokens: tuple[int, ...]
+    """Ids the chunk names. llama-server sends no chunk for a token after which the text ends
+    inside a character, and the next chunk names only its own token: count with
+    ``n_predicted``, not with these."""
     stop: bool
     stop_type: str = ""
+    n_predicted: int = 0
+    """Tokens generated so far (cumulative)."""
 
 
 @dataclass(frozen=True)
@@ -215,7 +220,9 @@ class LlamaClient:
         self.timeout_s = timeout_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session = aiohttp.ClientSession(
-            headers=headers, connector=aiohttp.TCPConnector(limit=connections),
+            # Idle connections are dropped before llama-server's own 5 s keep-alive ends.
+            headers=headers, connector=aiohttp.TCPConnector(limit=connections,
+                                                            keepalive_timeout=3.0),
             # llama-server answers every call with JSON we parse ourselves.
             raise_for_status=False)
 
@@ -225,15 +232,28 @@ class LlamaClient:
     def _deadline(self, timeout_s: float | None) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
 
+    async def _send(self, method: str, url: str, body: Any,
+                    timeout: aiohttp.ClientTimeout) -> tuple[int, str]:
+        for attempt in (1, 2):
+            try:
+                async with self._session.request(method, url, json=body,
+                                                 timeout=timeout) as resp:
+                    return resp.status, await resp.text(errors="replace")
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled keep-alive connection the server had already closed fails like
+                # this; one retry on a fresh connection tells that apart from a dead server
+                # (every call is safe to repeat).
+                if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
+                    raise
+        raise AssertionError("unreachable")
+
     async def _call(self, method: str, path: str, body: Any = None,
                     timeout_s: float | None = None) -> Any:
         url = self.base_url + path
         try:
-            async with self._session.request(method, url, json=body,
-                                             timeout=self._deadline(timeout_s)) as resp:
-                text = await resp.text(errors="replace")
-                if resp.status != 200:
-                    raise UpstreamError(self.name, resp.status, _error_message(resp.status, text))
+            status, text = await self._send(method, url, body, self._deadline(timeout_s))
+            if status != 200:
+                raise UpstreamError(self.name, status, _error_message(status, text))
         except asyncio.TimeoutError:
             raise UpstreamTimeout(self.name, f"no answer to {path} within "
                                              f"{timeout_s or self.timeout_s:g} s") from None
@@ -244,6 +264,11 @@ class LlamaClient:
         except ValueError:
             raise UpstreamError(self.name, 200, f"{path} answered with non-JSON: "
                                                 f"{text[:200]!r}") from None
+
+    def _field(self, data: Any, key: str, path: str) -> Any:
+        if not isinstance(data, dict) or key not in data:
+            raise UpstreamError(self.name, 200, f"{path} answered without '{key}'")
+        return data[key]
 
     # -- server facts ---------------------------------------------------------------------
 
@@ -277,23 +302,25 @@ class LlamaClient:
         """Token ids of ``text`` as the server tokenizes a prompt (BOS added, specials parsed)."""
         data = await self._call("POST", "/tokenize", {
             "content": text, "add_special": add_special, "parse_special": parse_special})
-        return [int(t["id"]) if isinstance(t, dict) else int(t) for t in data["tokens"]]
+        return [int(t["id"]) if isinstance(t, dict) else int(t)
+                for t in self._field(data, "tokens", "/tokenize")]
 
     async def tokenize_pieces(self, text: str) -> list[tuple[int, str]]:
         """``(id, piece)`` pairs without BOS, special tokens parsed (for probing a vocabulary)."""
         data = await self._call("POST", "/tokenize", {
             "content": text, "add_special": False, "parse_special": True, "with_pieces": True})
         return [(int(t["id"]), t["piece"] if isinstance(t["piece"], str)
-                 else bytes(t["piece"]).decode("utf-8", "replace")) for t in data["tokens"]]
+                 else bytes(t["piece"]).decode("utf-8", "replace"))
+                for t in self._field(data, "tokens", "/tokenize")]
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         data = await self._call("POST", "/detokenize", {"tokens": list(tokens)})
-        return str(data["content"])
+        return str(self._field(data, "content", "/detokenize"))
 
     async def apply_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """The prompt text the model's own chat template makes of ``messages``."""
         data = await self._call("POST", "/apply-template", {"messages": list(messages)})
-        return str(data["prompt"])
+        return str(self._field(data, "prompt", "/apply-template"))
 
     # -- generation -----------------------------------------------------------------------
 
@@ -301,7 +328,24 @@ class LlamaClient:
                        timeout_s: float | None = None) -> Completion:
         """One non-streamed ``/completion``; a verify when ``request.prompt_logprobs > 0``."""
         data = await self._call("POST", "/completion", request.body(stream=False), timeout_s)
-        return parse_completion(data)
+        try:
+            return parse_completion(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UpstreamError(self.name, 200, f"/completion answer not understood: "
+                                                f"{exc!r}") from None
+
+    async def verify(self, context: Sequence[int], draft: Sequence[int], *, scored: int = 0,
+                     sampling: SamplingParams = SamplingParams(temperature=0.0),
+                     seed: int | None = None, n_probs: int = 1, id_slot: int = -1,
+                     ignore_eos: bool = False, timeout_s: float | None = None) -> Completion:
+        """Score ``draft`` after ``context`` in one pass (docs/verify-api.md): the answer's
+        ``prompt_probs`` are the target's distributions at the last ``scored + len(draft)``
+        prompt positions, and its one generated token is the target's token after the draft.
+        ``scored`` extra positions cover context tokens whose entries are wanted too."""
+        return await self.complete(CompletionRequest(
+            prompt=[*context, *draft], n_predict=1, sampling=sampling, seed=seed,
+            n_probs=n_probs, prompt_logprobs=scored + len(draft), id_slot=id_slot,
+            ignore_eos=ignore_eos), timeout_s)
 
     async def stream(self, request: CompletionRequest,
                      chunk_timeout_s: float | None = None) -> AsyncIterator[StreamChunk]:
@@ -314,8 +358,10 @@ class LlamaClient:
         gap = chunk_timeout_s or self.timeout_s
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=gap, sock_read=gap)
         try:
-            async with self._session.post(url, json=request.body(stream=True),
-                                          timeout=timeout) as resp:
+            # Connection: close, as llama-server drops the connection after a streamed answer
+            # although it announced keep-alive; a reused one would fail the next request.
+            async with self._session.post(url, json=request.body(stream=True), timeout=timeout,
+                                          headers={"Connection": "close"}) as resp:
                 if resp.status != 200:
                     text = await resp.text(errors="replace")
                     raise UpstreamError(self.name, resp.status, _error_message(resp.status, text))
@@ -333,11 +379,16 @@ class LlamaClient:
                     chunk = StreamChunk(content=str(data.get("content", "")),
                                         tokens=tuple(int(t) for t in data.get("tokens") or ()),
                                         stop=bool(data.get("stop")),
-                                        stop_type=str(data.get("stop_type", "")))
-                    yield chunk
+                                        stop_type=str(data.get("stop_type", "")),
+                                        n_predicted=int(data.get("tokens_predicted", 0)))
                     if chunk.stop:
-                        return
-                raise UpstreamDown(self.name, "the stream ended without a final chunk")
+                        break
+                    yield chunk
+                else:
+                    raise UpstreamDown(self.name, "the stream ended without a final chunk")
+                # Read to the end, so the connection goes back to the pool in a known state.
+                await resp.read()
+            yield chunk
         except asyncio.TimeoutError:
             raise UpstreamTimeout(self.name, f"no streamed data within {gap:g} s") from None
         except aiohttp.ClientError as exc:

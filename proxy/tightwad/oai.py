@@ -25,6 +25,7 @@ from tightwad.sampling import SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 16
+MAX_TOP_K = 1 << 20  # beyond any vocabulary; keeps the value a small integer upstream
 
 
 class ApiError(Exception):
@@ -167,6 +168,8 @@ def _common(body: Mapping[str, Any], kind: str, limits: LimitsConfig) -> dict[st
     top_p = _number(body, "top_p", 0.0, 1.0)
     min_p = _number(body, "min_p", 0.0, 1.0)
     top_k = _int(body, "top_k")
+    if top_k is not None and not -1 <= top_k <= MAX_TOP_K:
+        raise _bad("top_k", f"'top_k' must lie between -1 and {MAX_TOP_K} (0 or -1: disabled)")
     seed = _int(body, "seed")
     sampling = SamplingParams(
         temperature=defaults.temperature if temperature is None else temperature,

@@ -27,7 +27,7 @@ EOG_TEXTS = (
 )
 
 PROBE_TEXT = (
-    "<|begin_of_text|><s>[INST] Tightwad probe: Hello, world!\n\tdef f(x):\n        return x**2 "
+    "Tightwad probe <|begin_of_text|><s>[INST] Hello, world!\n\tdef f(x):\n        return x**2 "
     "# ok\n東京の天気は晴れ。 Привет, мир! مرحبا 😀👍🏽 🇯🇵 café naïve 12345 3.14159 "
     "<|im_start|>user<|im_end|> <|eot_id|> <|endoftext|> </s> [/INST]   \r\n\n\n"
 )

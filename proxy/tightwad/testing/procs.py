@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -107,10 +108,11 @@ class HTTPError(RuntimeError):
 
 
 @dataclass
-class LlamaServer(Proc):
+class HttpService(Proc):
+    """A process serving HTTP: llama-server, or the tightwad proxy."""
+
     host: str = LOOPBACK
     port: int = 0
-    model: Path | None = None
 
     @property
     def url(self) -> str:
@@ -153,6 +155,11 @@ class LlamaServer(Proc):
             return self.request("GET", "/health", timeout=2)[0] == 200
         except OSError:
             return False
+
+
+@dataclass
+class LlamaServer(HttpService):
+    model: Path | None = None
 
 
 @dataclass
@@ -231,8 +238,30 @@ class ProcessGroup:
             self.wait_healthy(server, timeout)
         return server
 
+    def tightwad_proxy(self, *, target: LlamaServer, drafter: LlamaServer | None = None,
+                       mode: str = "remote", slots: int = 1, port: int | None = None,
+                       name: str = "proxy",
+                       env: dict[str, str] | None = None, timeout: float = 60) -> HttpService:
+        """Start ``python -m tightwad.server`` in front of ``target`` (and ``drafter``)."""
+        port = port or free_port()
+        config = {
+            "TIGHTWAD_LISTEN__HOST": LOOPBACK,
+            "TIGHTWAD_LISTEN__PORT": str(port),
+            "TIGHTWAD_TARGET__URL": target.url,
+            "TIGHTWAD_SPECULATION__MODE": mode,
+            "TIGHTWAD_TARGET__SLOTS": str(slots),
+            "TIGHTWAD_DRAFTER__SLOTS": str(slots),
+            **({"TIGHTWAD_DRAFTER__URL": drafter.url} if drafter else {}),
+            **(env or {}),
+        }
+        proxy: HttpService = self._spawn(HttpService, self._unique(name),
+                                         [sys.executable, "-m", "tightwad.server"], config,
+                                         port=port)
+        self.wait_healthy(proxy, timeout)
+        return proxy
+
     @staticmethod
-    def wait_healthy(server: LlamaServer, timeout: float = 120) -> None:
+    def wait_healthy(server: HttpService, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while not server.healthy():
             if not server.alive():
