@@ -334,8 +334,8 @@ def fetch_source(cache: Path, source: str = "auto", *, git_url: str = GIT_URL,
                     origin = _fetch_git(staging, git_url)
                     return _install_tree(staging / "tree", dest, origin)
                 except (BuildError, FileNotFoundError, subprocess.TimeoutExpired) as exc:
-                    log(f"git source unavailable ({str(exc).splitlines()[0][:160]}); "
-                        "using the offline archive")
+                    reason = (str(exc).strip().splitlines() or ["?"])[-1][:200]
+                    log(f"git source unavailable ({reason}); using the offline archive")
                     shutil.rmtree(staging / "tree", ignore_errors=True)
                     source = "sdist"
             if source == "git":
