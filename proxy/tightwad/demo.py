@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _interrupt(*_: object) -> None:
-    """SIGTERM ends the demo as cleanly as Ctrl-C does."""
+    """SIGTERM (and SIGINT) end the demo as cleanly as Ctrl-C does."""
     raise KeyboardInterrupt
 
 
@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    # Also SIGINT: a shell without job control starts background commands with it ignored.
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     log_dir = cache / "demo" / "logs"
     with ProcessGroup(bin_dir=build.bin_dir, log_dir=log_dir) as group:
