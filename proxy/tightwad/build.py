@@ -475,7 +475,8 @@ def ensure_build(
 ) -> Build:
     """Return the cached build for this key, building it first if the cache lacks it."""
     cache = cache or default_cache_dir()
-    patches_dir = patches_dir if patches_dir is not None else default_patches_dir()
+    # Absolute: patch runs inside the work tree, where a relative path means nothing.
+    patches_dir = (patches_dir if patches_dir is not None else default_patches_dir()).resolve()
     key = build_key(backend, patches_dir=patches_dir, flags=flags)
     if hit := cached_build(cache, key):
         log(f"cache hit: {hit.path}")
