@@ -213,17 +213,31 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive lock so that two builds of the same tree never interleave."""
+def file_lock(path: Path, what: str | None = None,
+              timeout: float | None = None) -> Iterator[None]:
+    """An exclusive lock on ``path`` across processes (two builds of one tree never interleave).
+
+    Waits, with a note, while another process holds it; past ``timeout`` seconds raises
+    TimeoutError. Lives here because this module must stay self-contained (the role ships it).
+    """
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
+    with path.open("a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"waiting for another build holding {path}")
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            log(f"waiting for another process holding {what or path} ({path})")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"{what or path} still locked after {timeout:.0f} s "
+                                           f"({path})") from None
+                    time.sleep(0.5)
         yield
 
 
@@ -323,7 +337,7 @@ def fetch_source(cache: Path, source: str = "auto", *, git_url: str = GIT_URL,
     dest = source_dir(cache)
     if (dest / SOURCE_MARKER).is_file():
         return dest
-    with _lock(cache / "locks" / "src.lock"):
+    with file_lock(cache / "locks" / "src.lock", "the source fetch"):
         if (dest / SOURCE_MARKER).is_file():
             return dest
         (cache / "src").mkdir(parents=True, exist_ok=True)
@@ -482,7 +496,7 @@ def ensure_build(
         log(f"cache hit: {hit.path}")
         return hit
     work = cache / "work" / key.work_name
-    with _lock(cache / "locks" / f"{work.name}.lock"):
+    with file_lock(cache / "locks" / f"{work.name}.lock", f"the {work.name} build"):
         if hit := cached_build(cache, key):
             log(f"cache hit: {hit.path}")
             return hit

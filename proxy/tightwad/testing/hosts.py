@@ -117,22 +117,14 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 @contextlib.contextmanager
 def _flock(path: Path, what: str, timeout: float | None = None) -> Iterator[None]:
-    """An exclusive lock on ``path``; waits (with a note) while another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another process holding {what} ({path})")
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise HostsError(f"{what} still locked after {timeout:.0f} s ({path})")
-                    time.sleep(0.5)
+    """The build module's process lock, with its timeout reported as a HostsError."""
+    from tightwad.build import file_lock
+
+    with contextlib.ExitStack() as stack:
+        try:  # only the wait for the lock, not the body, may turn into a HostsError
+            stack.enter_context(file_lock(path, what, timeout))
+        except TimeoutError as exc:
+            raise HostsError(str(exc)) from None
         yield
 
 
@@ -757,13 +749,14 @@ class HostGroup:
         while True:
             if not host.alive():
                 raise fail(f"systemd-nspawn exited ({host.popen.returncode if host.popen else '?'})")
+            # The deadline first, so that it is strict (the boot phase below always gets 5 s).
+            if time.monotonic() > deadline:
+                raise fail(f"no sshd after {self.boot_timeout:.0f} s")
             try:
                 with socket.create_connection((host.address, 22), timeout=1):
                     break
             except OSError:
                 pass
-            if time.monotonic() > deadline:
-                raise fail(f"no sshd after {self.boot_timeout:.0f} s")
             time.sleep(0.2)
         script = ("cat > /etc/hosts; state=$(timeout {t} systemctl is-system-running --wait); "
                   "echo \"$state\"; case $state in running|degraded) exit 0;; esac; "
