@@ -152,3 +152,13 @@ def spec_proxy(spec_pool: Pool) -> Iterator[ProxyThread]:
     proxy = ProxyThread(proxy_config(spec_pool.coordinator, spec_pool.drafter)).start()
     yield proxy
     proxy.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` run only with TIGHTWAD_SLOW=1 (README: slow opt-in tests)."""
+    if os.environ.get("TIGHTWAD_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow opt-in test: set TIGHTWAD_SLOW=1 to run it")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)

@@ -74,6 +74,14 @@ def test_nvidia_compute_capability_becomes_cuda_architectures():
     assert "-DGGML_NATIVE=OFF" in flags  # shipped binaries never assume the build host's CPU
 
 
+def test_native_builds_only_when_the_inventory_vouches_for_identical_cpus():
+    got = filters.tightwad_backend({"uname": "Linux x86_64"}, portable=False)
+    assert got["kind"] == "linux-x86_64-cpu-native"  # never shares a build with portable hosts
+    assert "-DGGML_NATIVE=OFF" not in cmake_flags_for(got["build_args"])
+    # ... which is then the very build the test suite makes for itself.
+    assert cmake_flags_for(got["build_args"]) == build.cmake_flags("cpu")
+
+
 def test_mixed_nvidia_gpus_get_every_architecture():
     got = filters.tightwad_backend({"uname": "Linux x86_64", "nvidia_smi": "8.6\n7.5\n8.6\n",
                                     "rocminfo": ROCMINFO_7900XTX})

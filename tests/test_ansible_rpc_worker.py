@@ -71,11 +71,8 @@ def run_playbook(tmp_path: Path, text: str, *extra: str) -> subprocess.Completed
     (tmp_path / "inventory.yml").write_text(INVENTORY)
     playbook = tmp_path / "play.yml"
     playbook.write_text(text)
-    # The plays below use the role's defaults and files without loading the role, so its
-    # filter plugins are put on the path by hand.
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(REPO / "roles"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-               ANSIBLE_FILTER_PLUGINS=str(ROLE / "filter_plugins"))
+    # The project's ansible.cfg puts the shared filter plugins on the path.
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
     cmd = [str(PLAYBOOK_BIN), "-i", str(tmp_path / "inventory.yml"), str(playbook),
            "-e", f"ansible_python_interpreter={sys.executable}", *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -79,6 +79,10 @@ VARIANT = "minbase"
 PACKAGES: tuple[str, ...] = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "iproute2", "nftables", "sudo",
     "procps",  # ps/pgrep/pkill: tests look at processes on the hosts
+    # The hosts have no route out, so what the roles install with apt must be there already:
+    # libgomp1 (the llama.cpp binaries' OpenMP runtime), python3-apt (Ansible's apt module),
+    # python3-venv (the proxy's virtualenv).
+    "libgomp1", "python3-apt", "python3-venv",
 )
 # Bump when the customisation of the rootfs changes: a new key, a new cached tree.
 RECIPE = 1

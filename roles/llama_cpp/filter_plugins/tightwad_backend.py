@@ -42,13 +42,14 @@ def rocm_targets(rocminfo_output: str | None) -> str:
 
 
 def tightwad_backend(probe: dict, backend: str = "auto", cuda_arch: str = "",
-                     rocm_target: str = "") -> dict:
+                     rocm_target: str = "", portable: bool = True) -> dict:
     """Decide a host's llama.cpp backend.
 
     ``probe``: ``uname`` (``uname -sm`` output), ``nvidia_smi`` and ``rocminfo`` (their stdout, or
     empty/None when the tool is missing or failed). ``backend``/``cuda_arch``/``rocm_target`` are
     the inventory overrides (``auto``/empty: detect). Order: inventory, NVIDIA, AMD, Apple Silicon
-    (Metal), CPU. Vulkan is used only when the inventory asks for it.
+    (Metal), CPU. Vulkan is used only when the inventory asks for it. ``portable=False`` builds
+    for the build host's own CPU (``-march=native``): only for hosts with that very CPU.
 
     Returns ``backend``, ``cuda_arch``, ``rocm_target``, ``system``, ``machine``, ``kind`` (hosts
     of one kind share one build) and ``build_args`` (for ``python -m tightwad.build build``).
@@ -97,8 +98,12 @@ def tightwad_backend(probe: dict, backend: str = "auto", cuda_arch: str = "",
     if rocm_target:
         args += ["--rocm-target", rocm_target]
         kind += "-" + rocm_target.replace(";", "_")
-    # Binaries built on one host run on others of the same kind: never -march=native.
-    args.append("--portable")
+    # Binaries built on one host run on others of the same kind: no -march=native, unless the
+    # inventory vouches that they all have the build host's CPU.
+    if portable:
+        args.append("--portable")
+    else:
+        kind += "-native"
     return {"backend": backend, "cuda_arch": cuda_arch, "rocm_target": rocm_target,
             "system": system, "machine": machine, "kind": kind, "build_args": args}
 

@@ -1,0 +1,121 @@
+"""The pool's shape from the inventory, as pure Jinja filters shared by the service roles.
+
+Shared by the service roles (ansible.cfg points filter_plugins here). Nothing here touches a
+host; tests call the functions directly.
+
+- A host's pool address is ``tightwad_pool_address`` when the inventory sets it (the address on
+  the network the pool uses), else ``ansible_host``, else its inventory name.
+- The RPC endpoints are every worker instance of every worker host, in inventory order: the
+  order of ``--rpc`` and therefore of ``--tensor-split``.
+- The split is proportional to each device's free memory, read on the workers at deploy time
+  (``llama-server --list-devices`` for GPUs; ``MemAvailable`` for the CPU device).
+"""
+
+from __future__ import annotations
+
+import re
+
+try:  # Ansible is present when the role runs; the unit tests import this file without it too.
+    from ansible.errors import AnsibleFilterError
+except ImportError:  # pragma: no cover
+    class AnsibleFilterError(Exception):  # type: ignore[no-redef]
+        pass
+
+# The rpc_worker role's default (roles/rpc_worker/defaults/main.yml): hostvars do not carry
+# role defaults, so a worker host without rpc_worker_instances is read with this.
+DEFAULT_INSTANCES = ({"name": "main", "port": 50052},)
+# `llama-server --list-devices`:  "  CUDA0: NVIDIA GeForce RTX 3060 (12044 MiB, 11800 MiB free)"
+_DEVICE = re.compile(r"^\s*([A-Za-z]+\d+):.*\((\d+) MiB, (\d+) MiB free\)\s*$", re.MULTILINE)
+_MEM_AVAILABLE = re.compile(r"^MemAvailable:\s+(\d+) kB$", re.MULTILINE)
+
+
+def _address(host: str, hv: dict) -> str:
+    return str(hv.get("tightwad_pool_address") or hv.get("ansible_host") or host)
+
+
+def tightwad_pool_addresses(hosts, hostvars) -> list:
+    """Pool addresses of ``hosts``, without duplicates."""
+    addresses: list[str] = []
+    for host in hosts or []:
+        address = _address(host, hostvars[host])
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def tightwad_service_url(hosts, hostvars, port_var: str, default_port: int) -> str:
+    """``http://address:port`` of the first of ``hosts`` (a coordinator or drafter), its port
+    from the host's ``port_var`` (the role default when unset)."""
+    if not hosts:
+        return ""
+    host = hosts[0]
+    address = _address(host, hostvars[host])
+    port = int(hostvars[host].get(port_var) or default_port)
+    return f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
+
+
+def tightwad_rpc_endpoints(hosts, hostvars) -> list:
+    """One dict per worker instance: host, address, port, name, device, rpc ("address:port")."""
+    endpoints = []
+    for host in hosts or []:
+        hv = hostvars[host]
+        address = _address(host, hv)
+        for inst in hv.get("rpc_worker_instances") or DEFAULT_INSTANCES:
+            endpoints.append({"host": host, "address": address, "port": int(inst["port"]),
+                              "name": inst["name"], "device": str(inst.get("device") or ""),
+                              "rpc": f"{address}:{int(inst['port'])}"})
+    rpcs = [e["rpc"] for e in endpoints]
+    if duplicates := sorted({r for r in rpcs if rpcs.count(r) > 1}):
+        raise AnsibleFilterError(f"two RPC workers share the address and port {duplicates[0]}; "
+                                 "give each rpc_worker_instances entry its own port")
+    return endpoints
+
+
+def tightwad_device_free_mib(list_devices: str, meminfo: str, device: str = "") -> int:
+    """Free memory (MiB) of the device(s) one worker instance serves.
+
+    ``device`` is the instance's ``--device`` value (``CUDA0``, ``Vulkan0,Vulkan1``, or empty for
+    all devices). GPUs come from ``llama-server --list-devices`` on the worker; a CPU worker (no
+    such device listed) offers the host's available RAM.
+    """
+    listed = {name: int(free) for name, _total, free in _DEVICE.findall(list_devices or "")}
+    wanted = [d.strip() for d in device.split(",") if d.strip() and d.strip().upper() != "CPU"]
+    if wanted:
+        missing = [d for d in wanted if d not in listed]
+        if missing:
+            raise AnsibleFilterError(
+                f"device {missing[0]} is not on this worker (llama-server --list-devices shows: "
+                f"{', '.join(listed) or 'no GPU devices'}); fix rpc_worker_instances[].device")
+        return sum(listed[d] for d in wanted)
+    if listed and device.strip().upper() != "CPU":
+        return sum(listed.values())
+    match = _MEM_AVAILABLE.search(meminfo or "")
+    if not match:
+        raise AnsibleFilterError("cannot read MemAvailable from /proc/meminfo on a CPU worker; "
+                                 "set coordinator_tensor_split in the inventory")
+    return int(match.group(1)) // 1024
+
+
+def tightwad_free_mib(endpoints, list_devices: dict, meminfo: dict) -> list:
+    """Free MiB per endpoint, from each worker host's ``--list-devices`` and ``/proc/meminfo``."""
+    return [tightwad_device_free_mib(list_devices.get(e["host"], ""), meminfo.get(e["host"], ""),
+                                     e.get("device", "")) for e in endpoints]
+
+
+def tightwad_tensor_split(free_mib) -> str:
+    """``--tensor-split`` proportions: each device's free MiB, in ``--rpc`` order."""
+    values = [int(v) for v in free_mib or []]
+    if not values or any(v < 0 for v in values) or sum(values) == 0:
+        raise AnsibleFilterError(f"cannot split the model over free memory {values} MiB: every "
+                                 "worker reports none free; free memory or set "
+                                 "coordinator_tensor_split")
+    return ",".join(str(v) for v in values)
+
+
+class FilterModule:
+    def filters(self) -> dict:
+        return {"tightwad_pool_addresses": tightwad_pool_addresses,
+                "tightwad_rpc_endpoints": tightwad_rpc_endpoints,
+                "tightwad_service_url": tightwad_service_url,
+                "tightwad_free_mib": tightwad_free_mib,
+                "tightwad_tensor_split": tightwad_tensor_split}
