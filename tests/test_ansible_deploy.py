@@ -1,12 +1,13 @@
 """site.yml against real systemd hosts (systemd-nspawn containers reached over SSH).
 
-Three hosts: RPC workers on w1 and w2; coordinator, drafter and proxy on coord. The pinned CPU
-build is made once on the controller with tightwad.build and shipped; the proxy's wheels are
-built and downloaded on the controller (the hosts have no route out). Checked on the hosts:
-units active, bound to the pool address, firewalled to the coordinator, restarted by systemd;
-from the controller: a completion through the proxy. A second run and a check-mode run change
-nothing; the swap playbook changes the model and restarts only the coordinator; teardown
-removes everything.
+Three hosts: RPC workers on w1 and w2; coordinator, drafter and proxy on coord, deployed with
+`tightwad start` (site.yml). The pinned CPU build is made once on the controller with
+tightwad.build and shipped; the proxy's wheels are built and downloaded on the controller (the
+hosts have no route out). Checked on the hosts: units active, bound to the pool address,
+firewalled to the coordinator, restarted by systemd, hardened; from the controller: a completion
+through the proxy, `tightwad status` and `doctor`. A second run and a check-mode run change
+nothing; `tightwad swap` (playbooks/swap.yml) changes the model and restarts only the
+coordinator; `tightwad stop` and teardown.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def _wait_http(url: str, timeout: float = 90, headers: dict | None = None) -> No
         time.sleep(1)
 
 
+def tightwad(*args: str, env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """The `tightwad` CLI (same code as the console script)."""
+    return subprocess.run([sys.executable, "-m", "tightwad.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory, models):
     with HostGroup(["w1", "w2", "coord"], prefix="twans",
@@ -94,12 +101,14 @@ def deployed(tmp_path_factory, models):
         inventory = tmp_path_factory.mktemp("inv") / "inventory.yml"
         inventory.write_text(json.dumps(inv))
 
+        env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
+
         def play(*args: str, playbook: str = "site.yml") -> subprocess.CompletedProcess:
-            env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
             return subprocess.run([str(PLAYBOOK_BIN), "-i", str(inventory), playbook, *args],
                                   cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
 
-        first = play()
+        # README's `tightwad start`: site.yml on the inventory, its output streamed.
+        first = tightwad("start", "-i", str(inventory), env=env)
         assert first.returncode == 0, first.stdout[-8000:] + first.stderr[-2000:]
         yield group, play, first, inventory
 
@@ -120,6 +129,21 @@ def test_first_run_brings_up_every_service(deployed, ansible_adhoc):
         assert f"{host.address}:50052" in listening and "0.0.0.0:50052" not in listening
         record = host.run("cat /opt/tightwad/llama.cpp/tightwad-llama-cpp.json").stdout
         assert '"backend": "cpu"' in record
+
+
+def test_cli_status_and_doctor_on_the_hosts(deployed):
+    group, _, _, inventory = deployed
+    result = tightwad("status", "-i", str(inventory), "--json", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    status = json.loads(result.stdout)
+    assert {(u["host"], u["unit"]) for u in status["units"]} == \
+        {(h, u) for h, units in UNITS.items() for u in units}
+    assert {u["state"] for u in status["units"]} == {"active"}
+    assert all(h["healthy"] for h in status["health"].values()) and len(status["health"]) == 3
+    assert status["split"]["rpc"] == [f"{group[n].address}:50052" for n in GROUPS["rpc_workers"]]
+    assert status["speculation"]["mode"] == "remote"
+    doctor = tightwad("doctor", "-i", str(inventory), "--json", timeout=300)
+    assert doctor.returncode == 0, doctor.stdout[-4000:] + doctor.stderr[-2000:]
 
 
 def test_tensor_split_comes_from_the_workers_memory(deployed):
@@ -251,12 +275,14 @@ def test_services_run_unprivileged_and_hardened(deployed):
 
 
 def test_swap_restarts_only_the_coordinator(deployed, models):
-    group, play, _, _ = deployed
+    group, _, _, inventory = deployed
     workers = {n: _main_pid(group[n], "tightwad-rpc-main") for n in GROUPS["rpc_workers"]}
     drafter = _main_pid(group["coord"], "tightwad-drafter")
     coordinator = _main_pid(group["coord"], "tightwad-coordinator")
-    result = play("-e", f"tightwad_model={models.draft}", playbook="playbooks/swap.yml")
+    # `tightwad swap` runs playbooks/swap.yml with the new model.
+    result = tightwad("swap", str(models.draft), "-i", str(inventory))
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "playbooks/swap.yml" in result.stdout
     with urllib.request.urlopen(f"http://{group['coord'].address}:8090/props", timeout=10) as r:
         props = json.load(r)
     assert Path(props["model_path"]).name == models.draft.name
@@ -267,9 +293,9 @@ def test_swap_restarts_only_the_coordinator(deployed, models):
 
 def test_stop_then_teardown_removes_everything(deployed):
     """Last: stop keeps the installation; teardown removes services, firewall, files, accounts."""
-    group, play, _, _ = deployed
-    stopped = play(playbook="playbooks/stop.yml")
-    assert stopped.returncode == 0, stopped.stdout[-6000:]
+    group, play, _, inventory = deployed
+    stopped = tightwad("stop", "-i", str(inventory))  # playbooks/stop.yml
+    assert stopped.returncode == 0, stopped.stdout[-6000:] + stopped.stderr[-2000:]
     for name, units in UNITS.items():
         for unit in units:
             assert group[name].run(f"systemctl is-active {unit}", check=False).stdout.strip() != "active"

@@ -7,6 +7,12 @@ UTF-8 and parsed as JSON (400), then validated by :mod:`tightwad.oai` (400). A t
 down gives 503 with ``Retry-After``; a stream already running ends with an error event and
 ``data: [DONE]``. A client that goes away cancels its request's upstream work: the runner
 cancels the handler (``handler_cancellation=True``), which closes the engine's generator.
+A client that takes longer than ``limits.body_timeout_s`` to send its body gets 408.
+
+Shutdown (SIGTERM, a restart): the listening socket closes first, requests in flight get
+``listen.shutdown_grace_s`` to finish, then each one still running ends cleanly at once (503
+with ``Retry-After``, or an error event and ``[DONE]`` on a stream), whatever it was waiting
+for upstream.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from aiohttp import web
 from tightwad.auth import bearer_auth
 from tightwad.config import Config
 from tightwad.engine import Engine, Failed, Finished, GenerationRequest, TextDelta, failure
+from tightwad.lifecycle import SHUTTING_DOWN, Lifecycle
 from tightwad.llama import UpstreamFailure
 from tightwad.metrics import Metrics
 from tightwad.oai import (ApiError, ParsedRequest, chunk, error_body, parse_chat,
@@ -35,6 +42,8 @@ CONFIG = web.AppKey("config", Config)
 ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", int)
+
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -59,18 +68,27 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json(request: web.Request, limit: int) -> Any:
-    """The request body as JSON, at most ``limit`` bytes however it is sent."""
+async def read_json(request: web.Request, limit: int, timeout_s: float = 30.0) -> Any:
+    """The request body as JSON, at most ``limit`` bytes however it is sent, within
+    ``timeout_s``."""
     too_large = ApiError(413, f"the request body exceeds {limit} bytes (limits.max_body_bytes)",
                          code="request_too_large")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     data = bytearray()
-    try:
+
+    async def receive() -> None:
         async for piece in request.content.iter_any():
-            data += piece
+            data.extend(piece)
             if len(data) > limit:
                 raise too_large
+
+    try:
+        await asyncio.wait_for(receive(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body took longer than {timeout_s:g} s to arrive "
+                            "(limits.body_timeout_s)", code="request_timeout",
+                       headers={"Connection": "close"}) from None
     except (web.HTTPRequestEntityTooLarge, ValueError) as exc:
         raise too_large from exc
     try:
@@ -79,12 +97,36 @@ async def read_json(request: web.Request, limit: int) -> Any:
         raise ApiError(400, f"the request body is not valid UTF-8 (byte {exc.start})",
                        code="invalid_encoding") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
     except ValueError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}",
                        code="invalid_json") from None
+    if bad := _lone_surrogate(value):
+        raise ApiError(400, f"the request body holds a string that is not valid Unicode (a "
+                            f"lone surrogate escape such as \\ud800): {bad!r}",
+                       code="invalid_encoding")
+    return value
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string (key or value) that cannot be encoded as UTF-8, if any: JSON's
+    ``\\uXXXX`` escapes can name half a surrogate pair, which llama-server refuses with 500."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item[:40]
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 @web.middleware
@@ -123,8 +165,18 @@ async def _prompt_tokens(engine: Engine, parsed: ParsedRequest) -> list[int]:
 
 
 async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
+    lifecycle = request.app[LIFECYCLE]
+    if lifecycle.stopping.is_set():
+        raise _from_failed(SHUTTING_DOWN)
+    with lifecycle.request():
+        return await _generate(request, kind, lifecycle)
+
+
+async def _generate(request: web.Request, kind: str,
+                    lifecycle: Lifecycle) -> web.StreamResponse:
     config, engine = request.app[CONFIG], request.app[ENGINE]
-    body = await read_json(request, config.limits.max_body_bytes)
+    limits = config.limits
+    body = await read_json(request, limits.max_body_bytes, limits.body_timeout_s)
     parse = parse_chat if kind == "chat" else parse_completion
     parsed = parse(body, config.limits)
     try:
@@ -138,7 +190,7 @@ async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
     ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     async with contextlib.aclosing(events):
-        first = await anext(events)
+        first = await lifecycle.next_event(events)
         if isinstance(first, Failed):
             raise _from_failed(first)
         if not parsed.stream:
@@ -153,12 +205,13 @@ async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
                         usage(event.prompt_tokens, event.completion_tokens)))
                 else:
                     raise _from_failed(event)
-                event = await anext(events)
-        return await _stream(request, parsed, events, first, ident, created, model)
+                event = await lifecycle.next_event(events)
+        return await _stream(request, parsed, events, first, ident, created, model, lifecycle)
 
 
 async def _stream(request: web.Request, parsed: ParsedRequest, events: Any, first: Any,
-                  ident: str, created: int, model: str) -> web.StreamResponse:
+                  ident: str, created: int, model: str,
+                  lifecycle: Lifecycle) -> web.StreamResponse:
     kind = parsed.kind
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -189,7 +242,7 @@ async def _stream(request: web.Request, parsed: ParsedRequest, events: Any, firs
                 failed = _from_failed(event)
                 await send(error_body(failed.message, failed.type, None, failed.code))
                 break
-            event = await anext(events)
+            event = await lifecycle.next_event(events)
         await send(b"[DONE]")
         await resp.write_eof()
     except ConnectionResetError:
@@ -254,13 +307,22 @@ def create_app(config: Config, engine: Engine | None = None) -> web.Application:
     app[METRICS] = engine.metrics
     app[STARTED] = int(time.time())
 
+    app[LIFECYCLE] = Lifecycle()
+
     async def start(_: web.Application) -> None:
         await engine.start()
+
+    async def drain(_: web.Application) -> None:
+        grace = config.listen.shutdown_grace_s
+        if left := await app[LIFECYCLE].drain(grace):
+            log.warning("stopping: %d request(s) still running after %g s end with 503 "
+                        "(shutting_down)", left, grace)
 
     async def stop(_: web.Application) -> None:
         await engine.close()
 
     app.on_startup.append(start)
+    app.on_shutdown.append(drain)
     app.on_cleanup.append(stop)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)

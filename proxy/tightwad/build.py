@@ -9,10 +9,14 @@ file to a build host and run it with the system ``python3``.
     python -m tightwad.build fetch  [--source auto|git|sdist|PATH|URL]
     python -m tightwad.build build  [--backend cpu|cuda|rocm|metal|vulkan] [--cuda-arch 86] ...
     python -m tightwad.build path   [same selection options]   # bin dir of a cached build, or exit 1
+    python -m tightwad.build build --no-patches --target ggml-rpc-server   # stock worker (tests)
     python -m tightwad.build list                               # what the cache holds (JSON)
 
 Builds land in ``<cache>/builds/<commit>-<backend>-<patch-set hash>-<flags hash>/`` with a
-``manifest.json`` recording what they hold; a second call with the same key does no work.
+``manifest.json`` recording what they hold; a second call with the same key does no work. A
+build of fewer targets than the default three gets a ``-t<targets hash>`` suffix. An unpatched
+build (``--no-patches``: the stock binaries, to reproduce upstream bugs our patches fix) keeps
+a work tree of its own, so it never makes the patched tree recompile.
 """
 
 from __future__ import annotations
@@ -157,12 +161,22 @@ def patch_set_hash(patches: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+EMPTY_PATCH_SET = hashlib.sha256().hexdigest()
+NO_PATCHES = Path(os.devnull)
+"""A ``patches_dir`` that holds no patches: the stock source."""
+
+
 @dataclass(frozen=True)
 class BuildKey:
     commit: str
     backend: str
     patch_set: str
     flags: tuple[str, ...]
+    targets: tuple[str, ...] = TARGETS
+
+    @property
+    def unpatched(self) -> bool:
+        return self.patch_set == EMPTY_PATCH_SET
 
     @property
     def flags_hash(self) -> str:
@@ -171,12 +185,18 @@ class BuildKey:
     @property
     def name(self) -> str:
         # Flags are keyed too: a changed build setting must never reuse an older build.
-        return f"{self.commit[:12]}-{self.backend}-{self.patch_set[:12]}-{self.flags_hash[:8]}"
+        name = f"{self.commit[:12]}-{self.backend}-{self.patch_set[:12]}-{self.flags_hash[:8]}"
+        if self.targets != TARGETS:
+            name += "-t" + sha256_bytes("\n".join(self.targets).encode())[:6]
+        return name
 
     @property
     def work_name(self) -> str:
-        """One work tree per commit, backend and flags: patch changes rebuild incrementally."""
-        return f"{self.commit[:12]}-{self.backend}-{self.flags_hash[:8]}"
+        """One work tree per commit, backend and flags: patch changes rebuild incrementally.
+        Unpatched builds get their own tree, so switching to one and back never recompiles
+        the patched files of the main tree (ccache serves the unchanged objects)."""
+        name = f"{self.commit[:12]}-{self.backend}-{self.flags_hash[:8]}"
+        return name + "-unpatched" if self.unpatched else name
 
 
 def patched_files(patch_text: str) -> list[str]:
@@ -402,12 +422,26 @@ class Build:
         return self.bin_dir / name
 
 
+def check_targets(targets: Sequence[str] | None) -> tuple[str, ...]:
+    """The build targets in their canonical order (a subset of TARGETS; default all)."""
+    if not targets:
+        return TARGETS
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise BuildError(f"unknown target(s) {', '.join(unknown)}; choose from: "
+                         f"{', '.join(TARGETS)}")
+    return tuple(t for t in TARGETS if t in targets)
+
+
 def build_key(backend: str = "cpu", *, patches_dir: Path | None = None,
-              flags: Sequence[str] | None = None) -> BuildKey:
-    """The cache key; ``patches_dir`` defaults to the checkout's ``patches/llama.cpp``."""
+              flags: Sequence[str] | None = None,
+              targets: Sequence[str] | None = None) -> BuildKey:
+    """The cache key; ``patches_dir`` defaults to the checkout's ``patches/llama.cpp`` (a
+    directory without patches, or a missing one, means the stock source)."""
     flags = list(flags) if flags is not None else cmake_flags(backend)
     patches = list_patches(patches_dir if patches_dir is not None else default_patches_dir())
-    return BuildKey(PIN_COMMIT, backend, patch_set_hash(patches), tuple(flags))
+    return BuildKey(PIN_COMMIT, backend, patch_set_hash(patches), tuple(flags),
+                    check_targets(targets))
 
 
 def cached_build(cache: Path, key: BuildKey) -> Build | None:
@@ -416,7 +450,7 @@ def cached_build(cache: Path, key: BuildKey) -> Build | None:
     if not manifest_path.is_file():
         return None
     manifest = json.loads(manifest_path.read_text())
-    if all((path / "bin" / t).is_file() for t in TARGETS):
+    if all((path / "bin" / t).is_file() for t in key.targets):
         return Build(path, manifest, cache_hit=True)
     return None
 
@@ -472,8 +506,9 @@ def _stream(cmd: Sequence[str], log_path: Path, env: dict, verbose: bool) -> Non
 
 
 def _binary_version(path: Path) -> str:
+    """What ``--version`` prints, or "" when the binary has no such option (a stock worker)."""
     result = _run([str(path), "--version"], timeout=60)
-    return (result.stdout + result.stderr).strip()
+    return (result.stdout + result.stderr).strip() if result.returncode == 0 else ""
 
 
 def ensure_build(
@@ -486,12 +521,17 @@ def ensure_build(
     sha256: str | None = None,
     jobs: int | None = None,
     verbose: bool = False,
+    targets: Sequence[str] | None = None,
 ) -> Build:
-    """Return the cached build for this key, building it first if the cache lacks it."""
+    """Return the cached build for this key, building it first if the cache lacks it.
+
+    ``targets`` (default: all of TARGETS) builds only some binaries, e.g. a stock
+    ``ggml-rpc-server`` with an empty ``patches_dir``.
+    """
     cache = cache or default_cache_dir()
     # Absolute: patch runs inside the work tree, where a relative path means nothing.
     patches_dir = (patches_dir if patches_dir is not None else default_patches_dir()).resolve()
-    key = build_key(backend, patches_dir=patches_dir, flags=flags)
+    key = build_key(backend, patches_dir=patches_dir, flags=flags, targets=targets)
     if hit := cached_build(cache, key):
         log(f"cache hit: {hit.path}")
         return hit
@@ -520,8 +560,8 @@ def ensure_build(
         log(f"configuring {key.name} ({backend}); full log in {build_log}")
         _stream(["cmake", "-S", str(work_src), "-B", str(work_build), *generator, *key.flags],
                 build_log, env, verbose)
-        log(f"compiling {', '.join(TARGETS)} (a CPU build takes ~6 min on 2 cores)")
-        _stream(["cmake", "--build", str(work_build), "--target", *TARGETS,
+        log(f"compiling {', '.join(key.targets)} (a CPU build takes ~6 min on 2 cores)")
+        _stream(["cmake", "--build", str(work_build), "--target", *key.targets,
                  "--parallel", str(jobs or os.cpu_count() or 2)], build_log, env, verbose)
         return _install(cache, key, work_build, patches, pristine, time.monotonic() - started)
 
@@ -533,18 +573,25 @@ def _install(cache: Path, key: BuildKey, work_build: Path, patches: Sequence[Pat
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "bin").mkdir(parents=True)
     binaries = {}
-    for target in TARGETS:
+    for target in key.targets:
         built = work_build / "bin" / target
         shutil.copy2(built, staging / "bin" / target)
         binaries[target] = {"sha256": sha256_file(built),
                             "version": _binary_version(staging / "bin" / target)}
-    version = binaries["llama-server"]["version"]
-    if f"commit {PIN_SHORT}" not in version:
-        raise BuildError(f"built llama-server reports {version!r}, not the pin {PIN_SHORT}")
+    # The stock worker has no --version (our patch 0002 adds it): check what can report.
+    for target in ("llama-server", "ggml-rpc-server"):
+        version = binaries.get(target, {}).get("version", "")
+        if version.startswith("version:") and f"commit {PIN_SHORT}" not in version:
+            raise BuildError(f"built {target} reports {version!r}, not the pin {PIN_SHORT}")
+    if "llama-server" in key.targets and not binaries["llama-server"]["version"].startswith(
+            "version:"):
+        raise BuildError(f"built llama-server gives no version: "
+                         f"{binaries['llama-server']['version']!r}")
     manifest = {
         "commit": key.commit,
         "backend": key.backend,
         "cmake_flags": list(key.flags),
+        "targets": list(key.targets),
         "patch_set": key.patch_set,
         "patches": [{"name": p.name, "sha256": sha256_file(p)} for p in patches],
         "source": json.loads((pristine / SOURCE_MARKER).read_text()),
@@ -592,6 +639,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="extra cmake definition (part of the cache key)")
         p.add_argument("--patches", type=Path, default=None,
                        help="directory of *.patch files (default: the checkout's patches/llama.cpp)")
+        p.add_argument("--no-patches", action="store_true",
+                       help="build the stock source (to reproduce what a patch fixes)")
+        p.add_argument("--target", action="append", default=None, choices=TARGETS,
+                       help=f"build only this binary (repeatable; default: {' '.join(TARGETS)})")
 
     add_source(sub.add_parser("fetch", help="fetch and unpack the pinned source; print its path"))
     build_p = sub.add_parser("build", help="build (or reuse) the pinned binaries; print the bin dir")
@@ -616,10 +667,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags = cmake_flags(args.backend, cuda_arch=args.cuda_arch,
                                 rocm_target=args.rocm_target, portable=args.portable,
                                 extra=args.cmake_arg)
-            patches = args.patches if args.patches is not None else default_patches_dir()
+            if args.no_patches and args.patches is not None:
+                raise BuildError("--no-patches and --patches exclude each other")
+            if args.no_patches:
+                patches = NO_PATCHES
+            else:
+                patches = args.patches if args.patches is not None else default_patches_dir()
             if args.command == "path":
                 found = cached_build(cache, build_key(args.backend, patches_dir=patches,
-                                                      flags=flags))
+                                                      flags=flags, targets=args.target))
                 if not found:
                     print("no cached build for this key; run `python -m tightwad.build build`",
                           file=sys.stderr)
@@ -628,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 build = ensure_build(args.backend, cache=cache, patches_dir=patches, flags=flags,
                                      source=args.source, sha256=args.sha256, jobs=args.jobs,
-                                     verbose=args.verbose)
+                                     verbose=args.verbose, targets=args.target)
                 print(build.bin_dir)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -61,6 +61,10 @@ class ListenConfig(_Section):
         "Address to bind. Anything but loopback requires auth.token "
         "(or auth.allow_unauthenticated_remote)."))
     port: int = Field(8088, ge=1, le=65535, description="TCP port of the OpenAI-compatible API.")
+    shutdown_grace_s: float = Field(5.0, ge=0, le=3600, description=(
+        "On SIGTERM (a restart), new connections are refused at once and requests in flight "
+        "get this long to finish; then each ends cleanly: 503 with Retry-After, or an error "
+        "event and [DONE] on a stream."))
 
 
 class AuthConfig(_Section):
@@ -140,6 +144,9 @@ class LimitsConfig(_Section):
 
     max_body_bytes: int = Field(1 << 20, ge=1024, description=(
         "Largest request body accepted (bytes); larger ones get 413."))
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description=(
+        "Longest time a client may take to send its request body; a slower one (a stalled or "
+        "slowloris client) gets 408 and its connection is closed."))
     max_tokens_cap: int = Field(4096, ge=1, description=(
         "Upper bound on a request's max_tokens; larger requests are clamped to it."))
     default_max_tokens: int = Field(512, ge=1, description=(
@@ -237,7 +244,9 @@ def _describe(exc: ValidationError, origin: Mapping[tuple[str, ...], str]) -> st
     lines = []
     for error in exc.errors(include_input=False, include_url=False):
         loc = tuple(str(part) for part in error["loc"])
-        key = ".".join(loc) or "(top level)"
+        # A key from a hostile file may hold line breaks or control characters: quote it, so
+        # the error stays one readable line.
+        key = ".".join(p if p.isprintable() else repr(p) for p in loc) or "(top level)"
         # An env variable explains an error at its key or below it; an unknown section set
         # from the environment is reported at the section, above the variable's key.
         unknown = error["type"] == "extra_forbidden"
@@ -247,7 +256,7 @@ def _describe(exc: ValidationError, origin: Mapping[tuple[str, ...], str]) -> st
         if error["type"] == "extra_forbidden":
             message = f"unknown key; expected one of: {', '.join(_keys_at(loc[:-1]))}"
         lines.append(f"{key}{source}: {message}")
-    return "config error: " + "; ".join(lines)
+    return "config error: " + "; ".join(line.replace("\n", " ") for line in lines)
 
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:

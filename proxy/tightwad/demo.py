@@ -5,6 +5,8 @@
 It builds or reuses the pinned llama.cpp, writes the small test models, starts 2 RPC workers, a
 pooled coordinator that verifies drafts, a drafter and the proxy (remote drafting on), answers
 one completion through the proxy, prints the endpoint and serves until Ctrl-C.
+The pool is the one ``tightwad start --local`` runs (tightwad.cli.localpool.launch), kept in
+the foreground.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ from pathlib import Path
 from typing import Sequence
 
 from tightwad import build as llama_build
+from tightwad.cli.localpool import SLOTS, LaunchSpec, launch
 from tightwad.testing.models import ensure_models
 from tightwad.testing.procs import LOOPBACK, ProcessFailed, ProcessGroup, tcp_open
-
-SLOTS = 4
-VERIFY_MAX_TOKENS = 32  # the largest draft the coordinator verifies in one pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,15 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             print("starting 2 RPC workers, the coordinator, the drafter and the proxy ...",
                   flush=True)
-            workers = [group.rpc_worker(name=f"worker{i}", port=port, cache=True)
-                       for i, port in enumerate(worker_ports)]
-            coordinator = group.llama_server(
-                models.target, name="coordinator", rpc=workers, port=args.coordinator_port,
-                slots=SLOTS, args=["--verify-max-tokens", str(VERIFY_MAX_TOKENS)])
-            drafter = group.llama_server(models.draft, name="drafter", port=args.drafter_port,
-                                         slots=SLOTS)
-            proxy = group.tightwad_proxy(target=coordinator, drafter=drafter, slots=SLOTS,
-                                         port=args.port)
+            pool = launch(group, LaunchSpec(
+                model=models.target, draft=models.draft, worker_ports=worker_ports,
+                coordinator_port=args.coordinator_port, drafter_port=args.drafter_port,
+                proxy_port=args.port, slots=SLOTS))
+            workers, coordinator, drafter, proxy = (pool.workers, pool.coordinator,
+                                                    pool.drafter, pool.proxy)
+            assert drafter is not None
             answer = proxy.post("/v1/completions", {
                 "prompt": "The junk drawer of compute says", "max_tokens": 16, "temperature": 0})
             spec = proxy.get("/tightwad/status")

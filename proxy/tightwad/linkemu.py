@@ -19,6 +19,9 @@ How a link is modelled (each direction independently, netem-like):
   so a large message streams out at the link rate instead of arriving in one lump.
 - Each direction buffers at most ``max_buffer`` bytes; beyond that the relay stops reading,
   and TCP flow control pushes back on the sender, like a full link.
+- :meth:`Relay.stall` freezes the link (a Wi-Fi that drops without a reset): bytes are still
+  read (up to ``max_buffer``) but nothing is delivered, in either direction, until
+  :meth:`Relay.unstall`; then what was held is delivered in order.
 - It runs on protocol callbacks, not a task per direction: bytes whose release time has come
   are written from the read callback itself, later ones from one timer per direction. Through
   the ``none`` profile a loopback round trip costs ~0.1 ms more than a direct connection.
@@ -62,7 +65,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Deque, Literal, Sequence
+from typing import Callable, Deque, Literal, Sequence
 
 __all__ = [
     "LinkProfile",
@@ -260,7 +263,8 @@ class _Pipe:
 
     def flush(self) -> None:
         """Write everything that is due; arm a timer for the next release."""
-        if self.timer is not None or self.dst_paused or self.done or self.conn.closed:
+        if (self.timer is not None or self.dst_paused or self.done or self.conn.closed
+                or self.conn.relay.stalled):
             return  # a timer is armed for the head (releases only grow), or we must wait
         now = self.loop.time()
         parts: list[bytes] = []
@@ -439,6 +443,19 @@ class Relay:
         self._port = 0
         self._closed = False
         self._conns: set[_Conn] = set()
+        self.stalled = False
+
+    def stall(self) -> None:
+        """Stop delivering bytes, in both directions and on every connection, until
+        :meth:`unstall` (connections stay open; nothing is lost)."""
+        self.stalled = True
+
+    def unstall(self) -> None:
+        """Deliver what a stall held back, and carry on."""
+        self.stalled = False
+        for conn in list(self._conns):
+            for pipe in conn.pipes.values():
+                pipe.flush()
 
     @property
     def port(self) -> int:
@@ -543,6 +560,21 @@ class RelayThread:
         async def snap() -> list[LinkStats]:
             return [r.stats() for r in self.relays]
         return asyncio.run_coroutine_threadsafe(snap(), self.loop).result(30)
+
+    def stall(self, index: int | None = None) -> None:
+        """Freeze one relay's link (``index``) or all of them (see :meth:`Relay.stall`)."""
+        self._on_loop(lambda: [r.stall() for r in self._pick(index)])
+
+    def unstall(self, index: int | None = None) -> None:
+        self._on_loop(lambda: [r.unstall() for r in self._pick(index)])
+
+    def _pick(self, index: int | None) -> list[Relay]:
+        return self.relays if index is None else [self.relays[index]]
+
+    def _on_loop(self, fn: Callable[[], object]) -> None:
+        async def call() -> None:
+            fn()
+        asyncio.run_coroutine_threadsafe(call(), self.loop).result(30)
 
     def close(self, timeout: float = 30) -> None:
         """Stop the relays, drop their connections and end the thread."""

@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "-c", default=None,
                         help="YAML config file (default: built-in defaults plus environment)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config (and the bind/token rule), print nothing, exit")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -36,12 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if args.check:
+        return 0
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
     # handler_cancellation: a client that disconnects cancels its request's upstream work.
+    # shutdown_timeout: a backstop only; the app itself ends what runs past the grace period.
     web.run_app(app, host=config.listen.host, port=config.listen.port,
-                handler_cancellation=True, print=lambda msg: logging.getLogger(
+                handler_cancellation=True, shutdown_timeout=config.listen.shutdown_grace_s + 5,
+                print=lambda msg: logging.getLogger(
                     "tightwad.server").info("serving the OpenAI API on http://%s:%d/v1",
                                             config.listen.host, config.listen.port))
     return 0

@@ -8,43 +8,61 @@ leases a slot for its whole life and requests beyond the slot count wait in FIFO
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from typing import AsyncIterator
 
 
 class SlotPool:
-    """The slot ids ``0..size-1`` of one server, leased one per request."""
+    """The slot ids ``0..size-1`` of one server, leased one per request, strictly first come
+    first served: a released slot goes straight to the longest waiter, so a request arriving
+    at that moment cannot take it (with :class:`asyncio.Queue` it could, and under steady load
+    an unlucky request was passed over again and again)."""
 
     def __init__(self, size: int) -> None:
         if size < 1:
             raise ValueError(f"a slot pool needs at least one slot, got {size}")
         self.size = size
-        self._free: asyncio.Queue[int] = asyncio.Queue()
-        for slot in range(size):
-            self._free.put_nowait(slot)
-        self.waiting = 0
+        self._free: collections.deque[int] = collections.deque(range(size))
+        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
 
     @property
     def in_use(self) -> int:
-        return self.size - self._free.qsize()
+        return self.size - len(self._free)
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self._waiters if not w.done())
 
     async def acquire(self) -> int:
         """Wait for a free slot (FIFO) and take it."""
-        self.waiting += 1
+        if self._free and not self.waiting:
+            return self._free.popleft()
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            return await self._free.get()
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(waiter.result())  # handed a slot just as it gave up: pass it on
+            raise
         finally:
-            self.waiting -= 1
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
 
     def try_acquire(self) -> int | None:
-        """A free slot right now, or None."""
-        try:
-            return self._free.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
+        """A free slot right now (never one a waiter is owed), or None."""
+        if self._free and not self.waiting:
+            return self._free.popleft()
+        return None
 
     def release(self, slot: int) -> None:
-        self._free.put_nowait(slot)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
+        self._free.append(slot)
 
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[int]:

@@ -188,7 +188,13 @@ def vocab_fingerprint(source: PathArg | GGUFReader) -> str:
     draft needs to share with its target. ``source`` is a path or an already open reader
     (parsing a 100k+ token vocabulary takes seconds).
     """
-    reader = source if isinstance(source, GGUFReader) else read_gguf(source)
+    if not isinstance(source, GGUFReader):
+        # The same digest, read with the standard library only (and ~10x faster):
+        # tightwad.gguf_info is what doctor uses on the controller.
+        from tightwad.gguf_info import vocab_fingerprint as from_file
+
+        return from_file(source)
+    reader = source
     if "tokenizer.ggml.tokens" not in reader.fields:
         where = "this GGUF" if isinstance(source, GGUFReader) else str(source)
         raise ValueError(f"{where}: no tokenizer.ggml.tokens; is it a model or vocab file?")

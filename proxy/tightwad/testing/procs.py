@@ -200,14 +200,16 @@ class ProcessGroup:
 
     def rpc_worker(self, *, name: str | None = None, port: int | None = None,
                    host: str = LOOPBACK, cache: bool = False, args: Sequence[str] = (),
-                   timeout: float = 30) -> RpcWorker:
-        """Start ``ggml-rpc-server`` and wait until its port accepts connections."""
+                   timeout: float = 30, cache_dir: Path | None = None) -> RpcWorker:
+        """Start ``ggml-rpc-server`` and wait until its port accepts connections.
+        ``cache_dir``: where its tensor cache (``--cache``) lives, e.g. to restart a worker
+        with the cache of its predecessor (default: a directory of its own in the log dir)."""
         port = port or free_port(host)
         name = self._unique(name or "rpc-worker")
         cmd = [self.bin_dir / "ggml-rpc-server", "--host", host, "--port", str(port),
                "--threads", str(self.threads), *(["--cache"] if cache else []), *args]
         # The tensor cache (-c) lives under LLAMA_CACHE: keep it inside the log dir.
-        env = {"LLAMA_CACHE": str(self.log_dir / f"{name}.cache")}
+        env = {"LLAMA_CACHE": str(cache_dir or self.log_dir / f"{name}.cache")}
         worker: RpcWorker = self._spawn(RpcWorker, name, cmd, env, host=host, port=port)
         deadline = time.monotonic() + timeout
         while not tcp_open(host, port):
@@ -241,8 +243,10 @@ class ProcessGroup:
     def tightwad_proxy(self, *, target: LlamaServer, drafter: LlamaServer | None = None,
                        mode: str = "remote", slots: int = 1, port: int | None = None,
                        name: str = "proxy",
-                       env: dict[str, str] | None = None, timeout: float = 60) -> HttpService:
-        """Start ``python -m tightwad.server`` in front of ``target`` (and ``drafter``)."""
+                       env: dict[str, str] | None = None, timeout: float = 60,
+                       args: Sequence[str] = ()) -> HttpService:
+        """Start ``python -m tightwad.server`` in front of ``target`` (and ``drafter``);
+        ``args`` are extra command-line arguments (e.g. ``--log-level DEBUG``)."""
         port = port or free_port()
         config = {
             "TIGHTWAD_LISTEN__HOST": LOOPBACK,
@@ -255,7 +259,8 @@ class ProcessGroup:
             **(env or {}),
         }
         proxy: HttpService = self._spawn(HttpService, self._unique(name),
-                                         [sys.executable, "-m", "tightwad.server"], config,
+                                         [sys.executable, "-m", "tightwad.server", *args],
+                                         config,
                                          port=port)
         self.wait_healthy(proxy, timeout)
         return proxy

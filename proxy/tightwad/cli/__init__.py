@@ -1,0 +1,53 @@
+"""The ``tightwad`` command line: init, doctor, start, stop, status, swap, bench.
+
+Every command exits 0 on success and non-zero with one readable ``error:`` line otherwise
+(2 for bad usage or input, 1 for a failure found or met); no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from rich.markup import escape
+
+from tightwad.cli.common import CliError, err_console
+
+
+def _parser() -> argparse.ArgumentParser:
+    from tightwad.cli import bench, doctor, init, pool, swap
+
+    parser = argparse.ArgumentParser(
+        prog="tightwad", description="Pool mismatched machines into one OpenAI-compatible "
+        "endpoint. Quick start: tightwad init, tightwad doctor, tightwad start.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    init.add_parser(sub)
+    doctor.add_parser(sub)
+    pool.add_parsers(sub)
+    swap.add_parser(sub)
+    bench.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        return exc.code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as exc:  # the promise: one line, no traceback
+        err_console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: "
+                          f"{escape(str(exc))} "
+                          "(please report this)", soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from tightwad.cli import main
+
+sys.exit(main())

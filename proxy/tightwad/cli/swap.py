@@ -1,0 +1,135 @@
+"""``tightwad swap MODEL``: serve another model; the RPC workers keep running.
+
+Locally: wait until the coordinator's slots are idle (``--drain`` seconds at most, so in-flight
+requests finish), stop only the coordinator, start it again on the same port and workers with
+the new model, and make the proxy see it. Requests that arrive during the swap get the proxy's
+clean 503 (coordinator unavailable, ``Retry-After``). With an inventory: ``playbooks/swap.yml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tightwad.cli import localpool
+from tightwad.cli.common import (CliError, console, load_inventory, resolve_inventory,
+                                 run_playbook)
+from tightwad.gguf_info import GGUFError, read_info
+from tightwad.testing.procs import ProcessFailed, ProcessGroup
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("swap", help="hot-swap the served model (workers keep running)")
+    p.add_argument("model", type=Path, help="the new target GGUF (a path on the controller)")
+    p.add_argument("--draft", type=Path, help="also swap the drafter's model (local pool)")
+    p.add_argument("-i", "--inventory", type=Path)
+    p.add_argument("--local", action="store_true")
+    p.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--drain", type=float, default=30.0, help="seconds to let in-flight "
+                   "requests finish before the coordinator restarts (default: 30)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = resolve_inventory(args.inventory, args.local)
+    try:
+        target = read_info(args.model)
+        draft = read_info(args.draft) if args.draft else None
+    except GGUFError as exc:
+        raise CliError(str(exc), 2) from None
+    if path is not None:
+        load_inventory(path)
+        extra = ["-e", f"tightwad_model={Path(args.model).resolve()}"]
+        if args.draft:
+            extra += ["-e", f"tightwad_draft_model={Path(args.draft).resolve()}"]
+        return run_playbook("playbooks/swap.yml", path, extra)
+    directory = localpool.state_dir(args.state_dir)
+    state = localpool.load_state(directory)
+    if state is None:
+        raise CliError("no local pool is running; start one with `tightwad start --local`")
+    coordinator = state.one("coordinator")
+    if coordinator is None or not localpool.alive(coordinator):
+        raise CliError("the local coordinator is not running; `tightwad stop --local && "
+                       "tightwad start --local` restarts the pool")
+    drafter = state.one("drafter")
+    if draft is None and drafter is not None and state.draft:
+        try:
+            if read_info(state.draft).vocab_fingerprint() != target.vocab_fingerprint():
+                console.print("[yellow]warning[/]: the running draft has another tokenizer; "
+                              "the proxy will serve target-only (pass --draft to swap it too)")
+        except GGUFError:
+            pass
+    workers = [f"{w.host}:{w.port}" for w in state.by_kind("rpc")]
+    group = ProcessGroup(bin_dir=Path(state.bin_dir), log_dir=Path(state.log_dir))
+    new_model = Path(args.model).resolve()
+
+    with console.status("waiting for in-flight requests ..."):
+        _drain(coordinator.url, args.drain)
+    localpool.signal_and_wait(coordinator)
+    proxy = state.one("proxy")
+    if proxy is not None:
+        _forget_target(proxy.url)
+    try:
+        with console.status(f"loading {new_model.name} on {len(workers)} workers ..."):
+            server = group.llama_server(new_model, name="coordinator", rpc=workers,
+                                        port=coordinator.port, slots=state.slots, ctx=state.ctx,
+                                        args=localpool.coordinator_args())
+    except (ProcessFailed, OSError) as exc:
+        group.close()
+        raise CliError(f"the new coordinator did not come up: {str(exc).splitlines()[0]}; "
+                       f"the workers still run: `tightwad swap {state.model}` goes back") \
+            from None
+    services = [localpool.service_from(server, "coordinator") if s.kind == "coordinator" else s
+                for s in state.services]
+    state.model = str(new_model)
+    if args.draft and drafter is not None:
+        localpool.signal_and_wait(drafter)
+        try:
+            new_drafter = group.llama_server(Path(args.draft).resolve(), name="drafter",
+                                             port=drafter.port, slots=state.slots,
+                                             ctx=state.ctx)
+        except (ProcessFailed, OSError) as exc:
+            raise CliError(f"the new drafter did not come up: {str(exc).splitlines()[0]}") \
+                from None
+        services = [localpool.service_from(new_drafter, "drafter") if s.kind == "drafter"
+                    else s for s in services]
+        state.draft = str(Path(args.draft).resolve())
+    state.services = services
+    localpool.save_state(directory, state)
+    console.print(f"[green]swapped[/]: the coordinator serves {new_model.name} "
+                  f"(pid {server.pid}); workers kept: "
+                  + ", ".join(f"{w.name} pid {w.pid}" for w in state.by_kind("rpc")))
+    return 0
+
+
+def _drain(url: str, timeout: float) -> None:
+    """Wait until no slot of the coordinator is processing (at most ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            slots = localpool.get_json(f"{url}/slots", timeout=3)
+        except (OSError, ValueError):
+            return
+        if not any(s.get("is_processing") for s in slots if isinstance(s, dict)):
+            return
+        time.sleep(0.2)
+
+
+def _forget_target(proxy_url: str) -> None:
+    """Make the proxy re-read the coordinator (model, vocabulary, verify limit).
+
+    The proxy caches what it learnt about the target and re-reads it after a request finds the
+    target unreachable; a one-token request while the coordinator is down does exactly that
+    (it gets a 503, which is the point)."""
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    req = urllib.request.Request(f"{proxy_url}/v1/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10):
+            pass
+    except (urllib.error.HTTPError, OSError):
+        pass
