@@ -90,6 +90,10 @@ class TargetConfig(_Section):
     slots: int = Field(1, ge=1, description=(
         "Parallel slots of the coordinator (its -np); the proxy runs at most this many "
         "requests at once and queues the rest."))
+    recheck_s: float = Field(5.0, ge=0, description=(
+        "At most this long after the last look, a request first asks the coordinator's /props "
+        "whether it still serves the same model and build; a swapped model is probed afresh "
+        "(end-of-generation ids, verify support, the drafter's tokenizer). 0: every request."))
 
     check_url = field_validator("url")(_check_url)
     check_api_key = field_validator("api_key")(_check_secret)

@@ -81,6 +81,7 @@ class Upstream:
         self.tokenizer_check: TokenizerCheck | None = None
         self.check_error = ""
         self.info: TargetInfo | None = None
+        self._checked_at = 0.0
         self.target_slots: SlotPool | None = None
         self.drafter_slots: SlotPool | None = None
         self._info_lock = asyncio.Lock()
@@ -143,6 +144,9 @@ class Upstream:
     # -- the target -----------------------------------------------------------------------
 
     async def target_info(self) -> TargetInfo:
+        if self.info is not None and \
+                time.monotonic() - self._checked_at >= self.config.target.recheck_s:
+            await self._recheck(self.info)
         if self.info is not None:
             return self.info
         assert self.target is not None, "Upstream.start() first"
@@ -159,11 +163,25 @@ class Upstream:
                                     self.config.target.slots, props.total_slots, size)
                     self.target_slots = SlotPool(size)
                 self.info = TargetInfo(props, eog, limit, note)
+                self._checked_at = time.monotonic()
                 log.info("target %s: %d slots of %d tokens, end-of-generation ids %s; "
                          "verify: %s", props.model, self.target_slots.size, props.n_ctx,
                          sorted(eog), note)
                 self._publish()
         return self.info
+
+    async def _recheck(self, info: TargetInfo) -> None:
+        """Forget what we know of the target when it now serves another model or build (a
+        swap restarts the coordinator between two requests; nothing else tells us)."""
+        assert self.target is not None
+        self._checked_at = time.monotonic()  # one look at a time, even under load
+        props = await self.call_target(self.target.props())
+        was = info.props
+        if (props.model, props.build_info, props.n_vocab) != (was.model, was.build_info,
+                                                               was.n_vocab):
+            log.info("the coordinator now serves %s (was %s); probing it again", props.model,
+                     was.model)
+            self.target_lost()
 
     async def _probe_verify(self) -> tuple[int, str]:
         """Whether the coordinator verifies a draft in one pass, and how long one may be."""

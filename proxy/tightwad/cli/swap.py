@@ -122,8 +122,8 @@ def _drain(url: str, timeout: float) -> None:
 def _forget_target(proxy_url: str) -> None:
     """Make the proxy re-read the coordinator (model, vocabulary, verify limit).
 
-    The proxy caches what it learnt about the target and re-reads it after a request finds the
-    target unreachable; a one-token request while the coordinator is down does exactly that
+    The proxy re-reads the target after a request finds it unreachable, or on its own within
+    target.recheck_s; a one-token request while the coordinator is down makes it happen now
     (it gets a 503, which is the point)."""
     body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
     req = urllib.request.Request(f"{proxy_url}/v1/completions", data=body, method="POST",
