@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,9 +35,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tightwad import build as llama_build
+from tightwad.benchmath import spread
 from tightwad.linkemu import PROFILES, LinkProfile, LinkStats, RelayThread, adjust_profile
 from tightwad.testing.models import TARGET_SPEC, ensure_models
 from tightwad.testing.procs import LlamaServer, ProcessGroup
+
+# Run as a script, this file's directory (bench/) is on sys.path.
+from benchenv import binary_version, llama_binaries, machine_info
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog because",
@@ -129,19 +131,6 @@ def check(ok: bool, message: str) -> None:
 # --- statistics and output --------------------------------------------------------------------
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    data = sorted(values)
-    pos = (len(data) - 1) * q
-    lo, hi = int(pos), min(int(pos) + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
-
-
-def spread(values: Sequence[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "p25": quantile(values, 0.25),
-            "p75": quantile(values, 0.75), "min": min(values), "max": max(values),
-            "n": len(values)}
-
-
 def fmt_ms(s: dict[str, float]) -> str:
     return f"{s['median']:.0f} ({s['p25']:.0f}-{s['p75']:.0f})"
 
@@ -218,22 +207,6 @@ def link_label(profile: LinkProfile) -> str:
     return f"{profile.delay_s * 1e3:g}{jitter} ms each way, {bandwidth}"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def binary_version(path: Path) -> str:
-    res = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=60)
-    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("version")]
-    return lines[0] if lines else "unknown"
-
-
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -277,17 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", "bench/verify_round.py",
                           *(sys.argv[1:] if argv is None else argv)])
     cache = llama_build.default_cache_dir()
-    if args.bin_dir:
-        bin_dir, build_name = args.bin_dir, "custom (--bin-dir)"
-    else:
-        build = llama_build.ensure_build("cpu", cache=cache)
-        bin_dir, build_name = build.bin_dir, build.path.name
+    bin_dir, build_name = llama_binaries(args.bin_dir, cache)
     models = ensure_models(cache / "models", llama_build.fetch_source(cache) / "models")
     profile = adjust_profile(args.profile, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms,
                              bandwidth_mbit=args.bandwidth_mbit)
     link = "direct loopback, no relay" if args.no_relay else profile.describe()
-    machine = {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "system": platform.platform(),
-               "python": platform.python_version(), "loadavg_start": os.getloadavg()}
+    machine = machine_info()
     target = models.target
     model_info = {"target": target.name, "target_mb": round(target.stat().st_size / 1e6, 1),
                   "n_layer": TARGET_SPEC.n_layer, "n_embd": TARGET_SPEC.n_embd,

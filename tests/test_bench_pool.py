@@ -1,5 +1,6 @@
 """bench/pool_bench.py end to end at its tiniest settings: every configuration runs against
-real llama.cpp processes, and the JSON, markdown and plot it writes are consistent."""
+real llama.cpp processes, and the JSON, markdown and plot it writes are consistent. Without
+processes: the saved runs in bench/results give their summary and docs/benchmarks.md again."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+SAVED = ["bench/results/pool_bench-wifi-1.json", "bench/results/pool_bench-wifi-2.json"]
 
 
 @pytest.mark.timeout(600)
@@ -50,3 +52,33 @@ def test_pool_bench_smoke(tmp_path: Path, bin_dir: Path) -> None:
     md = (tmp_path / "bench.md").read_text()
     assert result["command"] in md and "| (d)" in md
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_render_gives_the_docs_page_again(tmp_path: Path) -> None:
+    """``--render`` writes docs/benchmarks.md byte for byte from the saved runs it cites."""
+    pytest.importorskip("matplotlib")
+    cmd = [sys.executable, "bench/pool_bench.py", "--render", SAVED[0], "--also", SAVED[1],
+           "--plot", str(tmp_path / "benchmarks.png"),
+           "--markdown", str(tmp_path / "benchmarks.md")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (tmp_path / "benchmarks.md").read_text() == (ROOT / "docs" / "benchmarks.md").read_text()
+    assert (tmp_path / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("saved", SAVED)
+def test_summary_of_a_saved_run(saved: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pure summary, from a saved run's samples, is the summary and headline it saved."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from poolbench.sample import Sample
+    from poolbench.summary import finish
+
+    stored = json.loads((ROOT / saved).read_text())
+    derived = ("summary", "headline", "a_tok_s", "samples", "concurrency_configs")
+    result = json.loads(json.dumps({k: v for k, v in stored.items() if k not in derived}))
+    result["profile"].pop("proxy_round")
+    finish(result, [Sample(**s) for s in stored["samples"]],
+           [str(k) for k in stored["settings"]["ks"]])
+    again = json.loads(json.dumps(result))
+    for key in (*derived, "profile"):
+        assert again[key] == stored[key], key

@@ -109,7 +109,12 @@ def test_init_proposes_a_split_from_idle_workers(procs: ProcessGroup, models: Mo
     checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
     for w in workers:
         check = checks[f"worker local/rpc{w.port}"]
-        assert check["status"] == "ok" and "idle" in check["message"], check
+        assert "idle" in check["message"], check
+        # ok, or on a loaded machine a link warning (loopback RTT over 2 ms, or a slow read):
+        # timing is not this test's subject (tests/test_cli_units.py covers the thresholds).
+        assert check["status"] == "ok" or (
+            check["status"] == "warn" and ("Wi-Fi class" in check["message"]
+                                           or "slower than 100 Mbit/s" in check["message"])), check
         assert "MB/s" in check["message"] and "RTT" in check["message"], check
     assert checks["device memory"]["status"] == "ok"
     assert "can hold" in checks["device memory"]["message"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tightwad.slots import SlotPool
+from tightwad.slots import SlotPool, common_prefix
 
 
 def test_a_released_slot_goes_to_the_longest_waiter_not_a_newcomer() -> None:
@@ -48,3 +48,26 @@ def test_a_waiter_that_gives_up_passes_its_slot_on() -> None:
 
     got, in_use, waiting = asyncio.run(scenario())
     assert got == 0 and in_use == 1 and waiting == 0
+
+
+def test_a_free_slot_that_holds_the_prompts_prefix_is_preferred() -> None:
+    async def scenario() -> list[int]:
+        pool = SlotPool(3)
+        a, b, c = (await pool.acquire(), await pool.acquire(), await pool.acquire())
+        pool.release(a, [1, 2, 3, 4])  # a conversation's first turn
+        pool.release(b, [9, 9])
+        pool.release(c, [5, 6])
+        # Its next turn extends the same prompt: slot a still holds it.
+        follow_up = await pool.acquire([1, 2, 3, 4, 7, 8])
+        # Nothing in common with anything cached: the most recently released slot.
+        fresh = await pool.acquire([42])
+        return [a, follow_up, c, fresh]
+
+    a, follow_up, c, fresh = asyncio.run(scenario())
+    assert follow_up == a and fresh == c
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([], [1]) == 0
+    assert common_prefix((7, 8), [7, 8]) == 2

@@ -10,7 +10,7 @@ import pytest
 from tightwad.sampling import Rng
 from tightwad.speculation import (AcceptanceEstimate, AdaptiveK, CostModel, Line, choose_k,
                                   expected_tokens, greedy_verify, predicted_speedup, residual,
-                                  speculative_sample)
+                                  round_timed, speculative_sample)
 
 # --- greedy ----------------------------------------------------------------------------------
 
@@ -272,6 +272,40 @@ def test_fixed_k_never_moves() -> None:
         ctl = ctl.observe(drafted=6, accepted=0, draft_seconds=0.1, verify_seconds=0.1)
     assert ctl.k == 6
     assert ctl.acceptance.rounds == 10  # still measured, for the metrics
+
+
+def test_untimed_rounds_count_acceptance_but_not_cost() -> None:
+    ctl = AdaptiveK(k=4)
+    # The first round also evaluates a long prompt: 0.6 s that says nothing about k.
+    first = ctl.observe(drafted=4, accepted=4, draft_seconds=0.3, verify_seconds=0.6,
+                        timed=False)
+    assert first.acceptance.rounds == 1 and first.verify_cost == ctl.verify_cost
+    assert first.draft_cost == ctl.draft_cost and first.k == 4
+    # Timed the same, it would have dragged the fitted cost of every later round up.
+    timed = ctl.observe(drafted=4, accepted=4, draft_seconds=0.3, verify_seconds=0.6)
+    assert timed.verify_cost.fit()(4) == pytest.approx(0.6)
+
+
+def test_k_at_most_doubles_per_round() -> None:
+    ctl = AdaptiveK(k=2, k_max=32)
+    seen = [ctl.k]
+    for _ in range(6):  # perfect, nearly free drafts: the optimum is k_max at once
+        ctl = ctl.observe(drafted=ctl.k, accepted=ctl.k, draft_seconds=1e-4 * ctl.k,
+                          verify_seconds=0.1)
+        seen.append(ctl.k)
+    assert seen[:5] == [2, 4, 8, 16, 32]
+    assert all(b <= 2 * a for a, b in zip(seen, seen[1:]))
+
+
+@pytest.mark.parametrize("rounds_before, evaluated, drafted, appended, pending, timed", [
+    (0, 9, 8, 0, 0, False),      # first round: whole prompt evaluated
+    (1, 10, 8, 1, 0, True),      # correction token + draft (+ one re-evaluated)
+    (3, 17, 8, 8, 0, True),      # all accepted last time, bonus, new draft
+    (3, 240, 8, 3, 0, False),    # the slot lost the prefix: a prompt re-evaluation
+    (2, 12, 8, 2, 1, True),      # one token whose bytes were pending
+])
+def test_round_timed(rounds_before, evaluated, drafted, appended, pending, timed) -> None:
+    assert round_timed(rounds_before, evaluated, drafted, appended, pending) is timed
 
 
 def test_adaptive_k_validates_bounds() -> None:

@@ -35,7 +35,7 @@ from tightwad.metrics import Metrics
 from tightwad.output import Output
 from tightwad.rounds import VerifyMismatch, settle, usable_draft
 from tightwad.sampling import Rng, SamplingParams, SparseDist
-from tightwad.speculation import AcceptanceEstimate, AdaptiveK
+from tightwad.speculation import AcceptanceEstimate, AdaptiveK, round_timed
 from tightwad.stats import GlobalStats, RequestStats
 from tightwad.upstream import TargetInfo, Upstream
 
@@ -126,7 +126,7 @@ class Engine:
             self.metrics.prompt_tokens.inc(len(request.prompt))
             self.metrics.queued.inc()
             try:
-                slot = await slots.acquire()
+                slot = await slots.acquire(request.prompt)
             finally:
                 self.metrics.queued.dec()
             stats.queued_seconds = time.monotonic() - started
@@ -154,7 +154,7 @@ class Engine:
                          "bad_upstream_response")
         finally:
             if slots is not None and slot >= 0:
-                slots.release(slot)
+                slots.release(slot, request.prompt)
                 self.metrics.in_flight.dec()
 
     async def _passthrough(self, request: GenerationRequest, info: TargetInfo, slot: int,
@@ -214,6 +214,7 @@ class Engine:
         draft_slot: int | None = None
         may_draft = True  # False once this request's drafting is hopeless (e.g. a mismatch)
         target_only_next = False
+        appended = 0  # tokens added to the context by the last round
         try:
             while True:
                 room = info.props.n_ctx - len(context)
@@ -227,7 +228,7 @@ class Engine:
                 draft = _Draft()
                 if k > 0 and may_draft and not target_only_next:
                     if draft_slot is None and self.up.drafter_slots is not None:
-                        draft_slot = self.up.drafter_slots.try_acquire()
+                        draft_slot = self.up.drafter_slots.try_acquire(request.prompt)
                     draft, may_draft = await self._draft(context, k, params, n_probs, banned,
                                                          draft_slot, rng, stats)
                 target_only_next = False
@@ -252,8 +253,10 @@ class Engine:
 
                 drafted = len(draft.tokens)
                 if drafted:
+                    timed = round_timed(stats.rounds, verify.timings.prompt_n, drafted,
+                                        appended, pending)
                     control = control.observe(drafted, outcome.accepted, draft.seconds or 0.0,
-                                              verify_s)
+                                              verify_s, timed=timed)
                     stats.drafted += drafted
                     stats.accepted += outcome.accepted
                 stats.rounds += 1
@@ -264,6 +267,7 @@ class Engine:
 
                 delta, reason = out.take(outcome.tokens, outcome.token_bytes)
                 context.extend(delta.tokens)
+                appended = len(delta.tokens)
                 stats.tokens += len(delta.tokens)
                 self.stats.add_round(drafted, outcome.accepted, len(delta.tokens),
                                      draft.seconds, verify_s)
@@ -276,7 +280,7 @@ class Engine:
                     return
         finally:
             if draft_slot is not None and self.up.drafter_slots is not None:
-                self.up.drafter_slots.release(draft_slot)
+                self.up.drafter_slots.release(draft_slot, request.prompt)
 
     async def _finish(self, out: Output, reason: str, context: list[int], slot: int,
                       stats: RequestStats) -> AsyncIterator[Event]:

@@ -3,6 +3,8 @@
 A slot holds one sequence's KV cache. Two requests on one slot would evict each other's cache
 on every round (correct, but every verify would re-evaluate the whole context), so a request
 leases a slot for its whole life and requests beyond the slot count wait in FIFO order.
+Among free slots a request gets the one whose last prompt shares the longest prefix with its own
+(the next turn of a conversation finds its history still cached), else the most recently used.
 """
 
 from __future__ import annotations
@@ -10,7 +12,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class SlotPool:
@@ -24,6 +36,7 @@ class SlotPool:
             raise ValueError(f"a slot pool needs at least one slot, got {size}")
         self.size = size
         self._free: collections.deque[int] = collections.deque(range(size))
+        self._prompts: dict[int, tuple[int, ...]] = {}  # the last prompt each slot served
         self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
 
     @property
@@ -34,10 +47,19 @@ class SlotPool:
     def waiting(self) -> int:
         return sum(1 for w in self._waiters if not w.done())
 
-    async def acquire(self) -> int:
-        """Wait for a free slot (FIFO) and take it."""
+    def _take(self, prompt: Sequence[int]) -> int:
+        # Most recently released last in _free; max() keeps the first of equals, so scan
+        # from the right: the longest shared prefix wins, then recency.
+        best = max(reversed(self._free),
+                   key=lambda s: common_prefix(self._prompts.get(s, ()), prompt))
+        self._free.remove(best)
+        return best
+
+    async def acquire(self, prompt: Sequence[int] = ()) -> int:
+        """Wait for a free slot (FIFO) and take it: the one that served the longest prefix of
+        ``prompt``, else the most recently used."""
         if self._free and not self.waiting:
-            return self._free.popleft()
+            return self._take(prompt)
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -50,13 +72,16 @@ class SlotPool:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
 
-    def try_acquire(self) -> int | None:
+    def try_acquire(self, prompt: Sequence[int] = ()) -> int | None:
         """A free slot right now (never one a waiter is owed), or None."""
         if self._free and not self.waiting:
-            return self._free.popleft()
+            return self._take(prompt)
         return None
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int, prompt: Sequence[int] | None = None) -> None:
+        """Give ``slot`` back; ``prompt``: what it now holds at its start (for the next pick)."""
+        if prompt is not None:
+            self._prompts[slot] = tuple(prompt)
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

@@ -290,14 +290,31 @@ class AdaptiveK:
                              f"k={self.k}, k_max={self.k_max}")
 
     def observe(self, drafted: int, accepted: int, draft_seconds: float,
-                verify_seconds: float) -> AdaptiveK:
-        """Fold in one round and pick the next k (unchanged when not adaptive)."""
+                verify_seconds: float, timed: bool = True) -> AdaptiveK:
+        """Fold in one round and pick the next k (unchanged when not adaptive).
+
+        ``timed=False``: the round's times measure something else too (the first round of a
+        request also evaluates its whole prompt, on both servers); only its acceptance counts.
+        k grows at most by doubling per round, so one noisy timing cannot fling it to k_max.
+        """
         acceptance = self.acceptance.observe(drafted, accepted)
-        draft_cost = self.draft_cost.observe(drafted, draft_seconds)
-        verify_cost = self.verify_cost.observe(drafted, verify_seconds)
+        draft_cost, verify_cost = self.draft_cost, self.verify_cost
+        if timed:
+            draft_cost = draft_cost.observe(drafted, draft_seconds)
+            verify_cost = verify_cost.observe(drafted, verify_seconds)
         k = self.k
         draft_line, verify_line = draft_cost.fit(), verify_cost.fit()
         if self.adaptive and draft_line is not None and verify_line is not None:
-            k = choose_k(acceptance.mean, draft_line, verify_line, self.k_min, self.k_max)
+            k = min(choose_k(acceptance.mean, draft_line, verify_line, self.k_min, self.k_max),
+                    2 * self.k)
         return replace(self, k=k, acceptance=acceptance, draft_cost=draft_cost,
                        verify_cost=verify_cost)
+
+
+def round_timed(rounds_before: int, evaluated: int, drafted: int, appended: int,
+                pending: int) -> bool:
+    """Whether a round's timings measure a round: not the request's first (which evaluates the
+    whole prompt) and the coordinator evaluated only what the round added (the tokens appended
+    since the last verify, the pending one and the draft), not a prefix it lost from its cache.
+    ``evaluated`` is the server's ``prompt_n``."""
+    return rounds_before > 0 and evaluated <= appended + pending + drafted + 1

@@ -1,0 +1,85 @@
+"""Direct measurements of the model pair, outside any configuration: the draft's per-position
+agreement with the target, its decode cost, and the parts of one remote-draft round."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tightwad import benchmath as bm
+from tightwad.testing.procs import LlamaServer
+
+from .http import post_json
+from .settings import VERIFY_MAX_TOKENS
+
+
+def measure_agreement(drafter: LlamaServer, prompts: list[tuple[str, list[int]]],
+                      reference: dict[int, list[int]]) -> dict[str, Any]:
+    """Per-position greedy agreement: the draft's argmax at each position of the target's own
+    greedy output (one batched pass per window via prompt_logprobs), against the target token."""
+    guesses: list[int] = []
+    targets: list[int] = []
+    for i, (_, ids) in enumerate(prompts):
+        toks = reference[i]
+        for start in range(0, len(toks), VERIFY_MAX_TOKENS):
+            end = min(start + VERIFY_MAX_TOKENS, len(toks))
+            res = drafter.post("/completion", {
+                "prompt": ids + toks[:end], "n_predict": 1, "temperature": 0, "n_probs": 1,
+                "prompt_logprobs": end - start, "cache_prompt": False}, timeout=300)
+            guesses += [p["top_logprobs"][0]["id"] for p in res["prompt_probabilities"]]
+            targets += toks[start:end]
+    return {"a": bm.agreement(guesses, targets), "positions": len(targets)}
+
+
+def draft_step_ms(drafter: LlamaServer, prompts: list[tuple[str, list[int]]],
+                  n: int) -> dict[str, float]:
+    """The draft model's decode time per token on its own server (median over prompts x 3)."""
+    per_token = []
+    for _ in range(3):
+        for _, ids in prompts:
+            res = drafter.post("/completion", {"prompt": ids, "n_predict": n, "temperature": 0,
+                                               "ignore_eos": True, "cache_prompt": False},
+                               timeout=300)
+            per_token.append(res["timings"]["predicted_ms"] / res["timings"]["predicted_n"])
+    return bm.spread(per_token)
+
+
+def profile_round(single: LlamaServer, coordinator: LlamaServer, drafter_url: str,
+                  prompts: list[tuple[str, list[int]]], reference: dict[int, list[int]],
+                  k: int, reps: int) -> dict[str, Any]:
+    """Time the parts of one remote-draft round by hand: a draft of k tokens through the
+    drafter's link, a verify of context + k on the pooled coordinator, and the same verify on
+    the single server (the compute alone, no network)."""
+    rows: dict[str, list[float]] = {key: [] for key in (
+        "draft_wall_ms", "draft_server_ms", "verify_wall_ms", "verify_server_ms",
+        "verify_compute_ms", "verify_prompt_n", "draft_decode_ms_per_token")}
+    for rep in range(reps + 1):
+        for i, (_, ids) in enumerate(prompts):
+            ctx = ids + reference[i][: len(reference[i]) // 2]
+            body = {"prompt": ctx, "n_predict": k, "temperature": 0, "ignore_eos": True,
+                    "cache_prompt": True, "id_slot": 0}
+            post_json(drafter_url, "/completion", {**body, "prompt": ctx[:-1], "n_predict": 1})
+            t0 = time.perf_counter()
+            d = post_json(drafter_url, "/completion", {**body, "return_tokens": True})
+            draft_wall = (time.perf_counter() - t0) * 1e3
+            draft = d["tokens"]
+            verify = {"prompt": ctx + draft, "n_predict": 1, "temperature": 0, "n_probs": 1,
+                      "prompt_logprobs": len(draft), "cache_prompt": True, "id_slot": 0}
+            walls = []
+            for server in (coordinator, single):
+                server.post("/completion", {**verify, "prompt": ctx, "prompt_logprobs": 0})
+                t0 = time.perf_counter()
+                res = server.post("/completion", verify)
+                walls.append(((time.perf_counter() - t0) * 1e3, res["timings"]))
+            if rep == 0:
+                continue  # warm-up
+            rows["draft_wall_ms"].append(draft_wall)
+            rows["draft_server_ms"].append(d["timings"]["prompt_ms"] + d["timings"]["predicted_ms"])
+            rows["verify_wall_ms"].append(walls[0][0])
+            rows["verify_server_ms"].append(walls[0][1]["prompt_ms"] + walls[0][1]["predicted_ms"])
+            rows["verify_compute_ms"].append(walls[1][1]["prompt_ms"]
+                                             + walls[1][1]["predicted_ms"])
+            rows["verify_prompt_n"].append(walls[0][1]["prompt_n"])
+            rows["draft_decode_ms_per_token"].append(
+                d["timings"]["predicted_ms"] / max(1, d["timings"]["predicted_n"]))
+    return {"k": k, **{key: bm.spread(v) for key, v in rows.items()}}
