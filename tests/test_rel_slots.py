@@ -59,12 +59,29 @@ def test_a_free_slot_that_holds_the_prompts_prefix_is_preferred() -> None:
         pool.release(c, [5, 6])
         # Its next turn extends the same prompt: slot a still holds it.
         follow_up = await pool.acquire([1, 2, 3, 4, 7, 8])
-        # Nothing in common with anything cached: the most recently released slot.
+        # Nothing in common with anything cached: the least recently used slot.
         fresh = await pool.acquire([42])
-        return [a, follow_up, c, fresh]
+        return [a, follow_up, b, fresh]
 
-    a, follow_up, c, fresh = asyncio.run(scenario())
-    assert follow_up == a and fresh == c
+    a, follow_up, b, fresh = asyncio.run(scenario())
+    assert follow_up == a and fresh == b
+
+
+def test_a_shared_template_prefix_alone_does_not_pull_requests_onto_one_slot() -> None:
+    template = [7, 7, 7]
+
+    async def scenario() -> list[int]:
+        pool = SlotPool(2)
+        x = await pool.acquire(template + [1, 2, 3, 4, 5])
+        pool.release(x, template + [1, 2, 3, 4, 5])
+        # Another prompt with the same template goes to the other (unused) slot, so x keeps
+        # the first prompt cached; that prompt, asked again, finds x.
+        y = await pool.acquire(template + [9, 8, 7, 6, 5])
+        again = await pool.acquire(template + [1, 2, 3, 4, 5])
+        return [x, y, again]
+
+    x, y, again = asyncio.run(scenario())
+    assert y != x and again == x
 
 
 def test_common_prefix() -> None:

@@ -28,8 +28,8 @@ def markdown(result: dict[str, Any], plot_link: str | None) -> str:
     if result.get("repeats"):
         runs = [result, *result["repeats"]]
         lines += ["", "## Repeatability: the same benchmark run again", "",
-                  f"Run 1 is the run above; the others are later runs of the same script on "
-                  f"the same machine (JSON: "
+                  f"Run 1 is the run above; the others are other runs of the same script on "
+                  f"the same machine, each with the code of its day (JSON: "
                   f"{', '.join(f'`{p}`' for p in result.get('repeat_paths', [])) or 'not kept'})."
                   " Each configuration is measured in its own time window, so load from other "
                   "work on the shared machine moves whole configurations up or down together; "

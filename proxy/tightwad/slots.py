@@ -3,8 +3,10 @@
 A slot holds one sequence's KV cache. Two requests on one slot would evict each other's cache
 on every round (correct, but every verify would re-evaluate the whole context), so a request
 leases a slot for its whole life and requests beyond the slot count wait in FIFO order.
-Among free slots a request gets the one whose last prompt shares the longest prefix with its own
-(the next turn of a conversation finds its history still cached), else the most recently used.
+Among free slots a request gets the one whose last prompt covers most of its own (the next turn
+of a conversation finds its history still cached), else the least recently used one, so the caches
+of recent prompts survive (a shared chat-template prefix alone would pull every request onto one
+slot and make each evict the last).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class SlotPool:
         self._prompts: dict[int, tuple[int, ...]] = {}  # the last prompt each slot served
         self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
 
+    # A free slot counts as holding a prompt when it shares at least this share of it.
+    REUSE_SHARE = 0.5
+
     @property
     def in_use(self) -> int:
         return self.size - len(self._free)
@@ -48,16 +53,17 @@ class SlotPool:
         return sum(1 for w in self._waiters if not w.done())
 
     def _take(self, prompt: Sequence[int]) -> int:
-        # Most recently released last in _free; max() keeps the first of equals, so scan
-        # from the right: the longest shared prefix wins, then recency.
-        best = max(reversed(self._free),
-                   key=lambda s: common_prefix(self._prompts.get(s, ()), prompt))
+        # _free runs from least to most recently released.
+        shared = {s: common_prefix(self._prompts.get(s, ()), prompt) for s in self._free}
+        best = max(self._free, key=shared.__getitem__)
+        if not prompt or shared[best] < self.REUSE_SHARE * len(prompt):
+            best = self._free[0]
         self._free.remove(best)
         return best
 
     async def acquire(self, prompt: Sequence[int] = ()) -> int:
-        """Wait for a free slot (FIFO) and take it: the one that served the longest prefix of
-        ``prompt``, else the most recently used."""
+        """Wait for a free slot (FIFO) and take it: the one holding most of ``prompt``, else the
+        least recently used."""
         if self._free and not self.waiting:
             return self._take(prompt)
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
