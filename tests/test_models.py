@@ -233,7 +233,7 @@ def test_write_is_atomic(
     dest = tmp_path / "model.gguf"
     dest.write_bytes(b"previous model")
 
-    def crash(spec: ModelSpec, out: Path, tokenizer: object) -> None:
+    def crash(spec: ModelSpec, out: Path, *rest: object) -> None:
         out.write_bytes(b"GGUF half a model")
         raise KeyboardInterrupt
 

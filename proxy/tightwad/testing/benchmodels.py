@@ -22,21 +22,18 @@ Files are cached by a hash of everything that determines their bytes and written
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGUFValueType
 
-from tightwad.testing.models import ARCH, ModelSpec, _add_hparams, _KeyValue, _tensors
+from tightwad.testing.models import ModelSpec, _KeyValue, _tensors, write_gguf
 
 __all__ = [
     "BENCH_DRAFT_SPEC",
@@ -205,34 +202,7 @@ def _bench_tensors(spec: ModelSpec, n_vocab: int) -> Iterator[tuple[str, np.ndar
 
 def write_bench_model(spec: ModelSpec, path: Path, n_merges: int = N_MERGES) -> Path:
     """Write ``spec`` with the byte-level BPE vocabulary at ``path`` atomically."""
-    tokenizer = byte_bpe_vocab(n_merges)
-    n_vocab = len(next(kv.value for kv in tokenizer if kv.key == "tokenizer.ggml.tokens"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        writer = GGUFWriter(tmp, ARCH)
-        try:
-            _add_hparams(writer, spec, n_vocab)
-            for kv in tokenizer:
-                writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
-            for name, tensor in _bench_tensors(spec, n_vocab):
-                writer.add_tensor(name, tensor)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return path
+    return write_gguf(spec, path, byte_bpe_vocab(n_merges), tensors=_bench_tensors)
 
 
 def bench_digest(spec: ModelSpec, n_merges: int = N_MERGES) -> str:

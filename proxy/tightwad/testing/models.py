@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Sequence, Union
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
@@ -282,6 +282,10 @@ def _linear(spec: ModelSpec, name: str, n_out: int, n_in: int, gain: float = 1.0
     return _normal(spec, name, (n_out, n_in), gain / np.sqrt(n_in))
 
 
+# (spec, n_vocab) -> the model's tensors in file order, with their final dtypes.
+TensorSource = Callable[["ModelSpec", int], Iterator[tuple[str, np.ndarray]]]
+
+
 def _tensors(spec: ModelSpec, n_vocab: int) -> Iterator[tuple[str, np.ndarray]]:
     """All tensors of the model, in file order, with their final dtypes."""
     big = np.float16 if spec.big_dtype == "f16" else np.float32
@@ -336,14 +340,15 @@ def _add_hparams(writer: GGUFWriter, spec: ModelSpec, n_vocab: int) -> None:
     writer.add_file_type(int(file_type))
 
 
-def _write_gguf(spec: ModelSpec, out: Path, tokenizer: tuple[_KeyValue, ...]) -> None:
+def _write_gguf(spec: ModelSpec, out: Path, tokenizer: Sequence[_KeyValue],
+                tensors: TensorSource) -> None:
     n_vocab = len(next(kv.value for kv in tokenizer if kv.key == "tokenizer.ggml.tokens"))
     writer = GGUFWriter(out, ARCH)
     try:
         _add_hparams(writer, spec, n_vocab)
         for kv in tokenizer:
             writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
-        for name, tensor in _tensors(spec, n_vocab):
+        for name, tensor in tensors(spec, n_vocab):
             writer.add_tensor(name, tensor)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -358,14 +363,19 @@ def write_model(spec: ModelSpec, path: PathArg, vocab_dir: PathArg) -> Path:
     The same spec and vocab file always give the same bytes. The file is written next to
     its destination and renamed into place, so readers never see a half-written model.
     """
-    path = Path(path)
-    tokenizer = _tokenizer_kvs(vocab_path(vocab_dir, spec.vocab))
+    return write_gguf(spec, Path(path), _tokenizer_kvs(vocab_path(vocab_dir, spec.vocab)))
+
+
+def write_gguf(spec: ModelSpec, path: Path, tokenizer: Sequence[_KeyValue],
+               tensors: TensorSource | None = None) -> Path:
+    """Write ``spec`` with these tokenizer keys (and ``tensors(spec, n_vocab)``, default the
+    standard random weights) at ``path``: next to it first, then renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        _write_gguf(spec, tmp, tokenizer)
+        _write_gguf(spec, tmp, tokenizer, tensors or _tensors)
         # mkstemp makes files private; models are read by other users' services in the demo.
         os.chmod(tmp, 0o644)
         with open(tmp, "rb") as f:
