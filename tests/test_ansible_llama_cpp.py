@@ -242,15 +242,6 @@ def test_role_refuses_a_commit_other_than_the_pin(tmp_path):
     assert build.PIN_COMMIT in bad.stdout
 
 
-def test_role_syntax(tmp_path):
-    playbook = tmp_path / "syntax.yml"
-    playbook.write_text("- name: Syntax\n  hosts: all\n  roles:\n    - role: llama_cpp\n")
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(REPO / "roles"))
-    result = subprocess.run([str(PLAYBOOK_BIN), "-i", "localhost,", "--syntax-check",
-                             str(playbook)], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-
 
 VALIDATE_TASKS = """\
     - name: Validate against the role's argument spec

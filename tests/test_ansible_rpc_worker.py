@@ -157,13 +157,3 @@ def test_preflight_refuses_unsafe_or_broken_settings(tmp_path, extra, needle):
 def test_preflight_accepts_the_defaults(tmp_path):
     result = run_playbook(tmp_path, PREFLIGHT)
     assert result.returncode == 0, result.stdout[-3000:]
-
-
-def test_role_syntax(tmp_path):
-    playbook = tmp_path / "syntax.yml"
-    playbook.write_text("- name: Syntax\n  hosts: all\n  roles:\n    - role: rpc_worker\n")
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(REPO / "roles"))
-    result = subprocess.run([str(PLAYBOOK_BIN), "-i", "localhost,", "--syntax-check",
-                             str(playbook)], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr

@@ -158,8 +158,9 @@ def test_systemd_analyze_verify_accepts_the_units(rendered, name):
     assert result.returncode == 0 and not problems, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("role", ["coordinator", "drafter", "proxy", "llama_server"])
-def test_role_syntax(tmp_path, role):
+@pytest.mark.parametrize("role", ["llama_cpp", "rpc_worker", "coordinator", "drafter", "proxy",
+                                  "llama_server"])
+def test_every_role_passes_syntax_check(tmp_path, role):
     playbook = tmp_path / "syntax.yml"
     playbook.write_text(f"- name: Syntax\n  hosts: all\n  roles:\n    - role: {role}\n")
     env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
