@@ -21,7 +21,7 @@ Measured per configuration: generated tok/s and time to first token (median and 
 prompts x repetitions), acceptance (accepted/drafted) and tokens per verify round, RPC round
 trips and bytes per generated token (from the relays), ratios to (b). For c and d: the
 Leviathan bound S = E(a, k) / (k c + 1) for the measured per-position agreement a and cost
-ratio c (:mod:`tightwad.benchmath`), and efficiency = measured / predicted. Greedy outputs are
+ratio c (:mod:`tightwad_dev.benchmath`), and efficiency = measured / predicted. Greedy outputs are
 compared with (a)'s. A profile of one remote-draft round splits its time into draft, network,
 verify and proxy overhead.
 
@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tightwad import build as llama_build
-from tightwad.linkemu import PROFILES, LinkProfile, adjust_profile
-from tightwad.testing.benchmodels import BenchPair, ensure_bench_models
+from tightwad_dev.linkemu import PROFILES, LinkProfile, adjust_profile
+from tightwad_dev.benchmodels import BenchPair, ensure_bench_models
 
 # Run as a script, this file's directory (bench/) is on sys.path: its modules import as
 # top-level ones.

@@ -12,7 +12,7 @@ and repetition, three requests from the same cached context (docs/verify-api.md,
 - ``batch``: the same k + 1 tokens evaluated stock (no ``prompt_logprobs``, one output), to
   show what the k extra output rows cost.
 
-Between the coordinator and each worker sits the link emulator (:mod:`tightwad.linkemu`,
+Between the coordinator and each worker sits the link emulator (:mod:`tightwad_dev.linkemu`,
 ``--profile``), which also counts the bytes and round trips of every request. Reports wall
 clock and the server's own timings (median and spread over prompts x repetitions), prints a
 markdown table and the machine, models and command, and writes everything to ``--json``.
@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tightwad import build as llama_build
-from tightwad.benchmath import spread
-from tightwad.linkemu import PROFILES, LinkProfile, LinkStats, RelayThread, adjust_profile
-from tightwad.testing.models import TARGET_SPEC, ensure_models
-from tightwad.testing.procs import LlamaServer, ProcessGroup
+from tightwad_dev.benchmath import spread
+from tightwad_dev.linkemu import PROFILES, LinkProfile, LinkStats, RelayThread, adjust_profile
+from tightwad.pool.demomodels import TARGET_SPEC
+from tightwad_dev.models import ensure_models
+from tightwad.pool.procs import LlamaServer, ProcessGroup
 
 # Run as a script, this file's directory (bench/) is on sys.path.
 from benchenv import binary_version, llama_binaries, machine_info

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tightwad.testing.procs import LlamaServer
+from tightwad.pool.procs import LlamaServer
 
 from .measure import Bench
 from .settings import VERIFY_MAX_TOKENS
@@ -33,7 +33,7 @@ def compare_outputs(bench: Bench, single: LlamaServer) -> dict[str, dict[str, An
     llama-server stream format (b, c, c2), or the text decoded from (a)'s tokens as the proxy
     emits it (d: a difference must sit at a near-tie of the target's top two tokens; e: its
     text must be a prefix of (a)'s or extend it)."""
-    from tightwad.testing.inproc import greedy_text_verdict
+    from tightwad_dev.inproc import greedy_text_verdict
 
     out: dict[str, dict[str, Any]] = {}
     texts: dict[int, str] = {}

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from tightwad.testing import clients
+from tightwad_dev import clients
 
 
 @dataclass
@@ -39,7 +39,7 @@ def _connection(url: str, timeout: float) -> http.client.HTTPConnection:
 
 def stream_post(url: str, path: str, body: dict[str, Any], timeout: float = 600) -> Stream:
     """POST with ``stream: true`` and read the SSE answer (llama-server or OpenAI shapes).
-    Unlike :func:`tightwad.testing.clients.stream` this needs no ``[DONE]`` (llama-server's
+    Unlike :func:`tightwad_dev.clients.stream` this needs no ``[DONE]`` (llama-server's
     /completion stream ends without one) and times the first chunk carrying output."""
     conn = _connection(url, timeout)
     out = Stream(started=time.perf_counter())

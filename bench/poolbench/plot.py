@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tightwad import benchmath as bm
+from tightwad_dev import benchmath as bm
 
 from .settings import ADAPTIVE
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tightwad import benchmath as bm
+from tightwad_dev import benchmath as bm
 
 from .settings import LEGACY_VERSION
 from .tables import concurrency_table, config_table, fmt, repeat_table
@@ -64,7 +64,7 @@ def setup_lines(result: dict[str, Any]) -> list[str]:
         result["command"],
         "```",
         "",
-        f"- **Link**: {result['link']}, emulated by `tightwad.linkemu` relays between the "
+        f"- **Link**: {result['link']}, emulated by `tightwad_dev.linkemu` relays between the "
         f"coordinator and each of the {s['workers']} RPC workers, the junk host's rpc-server "
         "(c2) and the drafter (d, e); the proxy and the coordinator share a host.",
         f"- **Machine**: {m['cpus']} CPU cores ({m['cpu_model']}), no GPU, {m['system']}; "
@@ -75,7 +75,7 @@ def setup_lines(result: dict[str, Any]) -> list[str]:
         "do ratios between configurations measured minutes apart"
         + (" (see Repeatability below)." if result.get("repeats") else "."),
         f"- **llama.cpp**: {result['llama_cpp']}.",
-        f"- **Models** (`tightwad.testing.benchmodels`, random weights, DESIGN 7b): target "
+        f"- **Models** (`tightwad_dev.benchmodels`, random weights, DESIGN 7b): target "
         f"{models['target']['n_layer']} layers x {models['target']['n_embd']} wide, deeper "
         f"layers scaled by {models['target']['deep_layer_scale']}, "
         f"{models['target']['mb']} MB f16; draft = its first {models['draft']['n_layer']} "

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tightwad import benchmath as bm
-from tightwad.linkemu import LinkProfile, RelayThread
-from tightwad.testing.benchmodels import BenchPair
-from tightwad.testing.procs import LlamaServer, ProcessGroup
+from tightwad_dev import benchmath as bm
+from tightwad_dev.linkemu import LinkProfile, RelayThread
+from tightwad_dev.benchmodels import BenchPair
+from tightwad.pool.procs import LlamaServer, ProcessGroup
 
 from .greedy import compare_outputs
 from .measure import Bench, Endpoint

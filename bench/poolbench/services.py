@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from tightwad.testing.procs import HttpService, LlamaServer, ProcessGroup, free_port
+from tightwad.pool.procs import HttpService, LlamaServer, ProcessGroup, free_port
 
 from .http import get_json
 from .settings import ADAPTIVE, CTX, LEGACY_VERSION, NATIVE_DEFAULT, SLOTS, VERIFY_MAX_TOKENS

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Sequence
 
-from tightwad import benchmath as bm
+from tightwad_dev import benchmath as bm
 
 from .sample import Sample
 from .settings import ADAPTIVE, NATIVE_DEFAULT

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tightwad import benchmath as bm
+from tightwad_dev import benchmath as bm
 
 from .settings import ADAPTIVE, LABELS, NATIVE_DEFAULT
 

@@ -20,7 +20,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tightwad import discovery
+from tightwad.pool import discovery
 from tightwad.cli.common import CliError, console, dump_json, err_console
 
 PROMPTS = [

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from rich.console import Console
 
-from tightwad import inventory as inv_mod
+from tightwad.pool import inventory as inv_mod
 
 DEFAULT_INVENTORY = Path("inventory/tightwad.yml")
 SERVICE_UNITS = ("tightwad-coordinator", "tightwad-drafter", "tightwad-proxy")

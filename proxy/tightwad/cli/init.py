@@ -11,10 +11,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.prompt import Confirm, Prompt
 from rich.table import Table
 
-from tightwad import discovery, rpcproto, splits
-from tightwad import inventory as inv_mod
+from tightwad.pool import discovery, rpcproto, placement as splits
+from tightwad.pool import inventory as inv_mod
 from tightwad.cli.common import DEFAULT_INVENTORY, CliError, console, err_console
-from tightwad.gguf_info import GGUFError, read_info
+from tightwad.pool.gguf_info import GGUFError, read_info
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -10,12 +10,12 @@ from typing import Any
 from rich.table import Table
 
 from tightwad import build as llama_build
-from tightwad import discovery
-from tightwad import inventory as inv_mod
-from tightwad.cli import localpool
+from tightwad.pool import discovery
+from tightwad.pool import inventory as inv_mod
+from tightwad.pool import localpool
 from tightwad.cli.common import (CliError, ansible_command, console, dump_json, load_inventory,
                                  resolve_inventory, run_playbook, unit_states, units_by_host)
-from tightwad.testing.procs import ProcessFailed, ProcessGroup
+from tightwad.pool.procs import ProcessFailed, ProcessGroup
 
 # Written by the coordinator role (coordinator_split_file): workers, their free MiB, the split.
 SPLIT_FILE = "/etc/tightwad/tensor-split.json"
@@ -108,9 +108,9 @@ def start_local(args: argparse.Namespace) -> int:
             bin_dir = args.bin_dir or llama_build.ensure_build("cpu", cache=cache).bin_dir
             model, draft = args.model, None if args.no_draft else args.draft
             if model is None or (draft is None and not args.no_draft):
-                from tightwad.testing.models import ensure_models
+                from tightwad.pool.demomodels import ensure_demo_pair
 
-                models = ensure_models(cache / "models",
+                models = ensure_demo_pair(cache / "models",
                                        llama_build.fetch_source(cache) / "models")
                 model = model or models.target
                 if not args.no_draft:

@@ -15,11 +15,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tightwad.cli import localpool
+from tightwad.pool import localpool
 from tightwad.cli.common import (CliError, console, load_inventory, resolve_inventory,
                                  run_playbook)
-from tightwad.gguf_info import GGUFError, read_info
-from tightwad.testing.procs import ProcessFailed, ProcessGroup
+from tightwad.pool.gguf_info import GGUFError, read_info
+from tightwad.pool.procs import ProcessFailed, ProcessGroup
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

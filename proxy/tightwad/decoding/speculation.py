@@ -1,0 +1,320 @@
+"""Speculative decoding, the pure part: accept/reject a draft, and choose how long to draft.
+
+One round: the drafter proposes ``d_1..d_k``; the target scores, in one pass, the k drafted
+positions plus the next one (k+1 distributions); the proxy keeps an accepted prefix and then one
+token of the target's own (the correction at the first rejection, or the bonus token after k
+acceptances). Every round therefore emits between 1 and k+1 tokens.
+
+Greedy (:func:`greedy_verify`) keeps the longest prefix equal to the target's argmax, so the
+output is exactly the target's greedy output. Sampling (:func:`speculative_sample`, Leviathan et
+al. 2023, Chen et al. 2023) accepts ``d_i`` with probability ``min(1, p_i(d_i) / q_i(d_i))`` and on
+rejection draws from ``normalize(max(0, p_i - q_i))``, so every emitted token is distributed
+exactly as the target alone would sample it, provided p and q are the post-chain distributions
+each model samples from (see :mod:`tightwad.decoding.sampling`).
+
+Choosing k. With a per-position acceptance probability ``a`` (Leviathan's alpha: the chance that
+the target accepts one drafted token, given all earlier ones were accepted; NOT llama.cpp's
+"draft acceptance" accepted/drafted, which falls as k grows), one round emits on average
+
+    E(a, k) = (1 - a^(k+1)) / (1 - a)        (k + 1 when a = 1)
+
+tokens, and with a draft/target cost ratio c the speedup over the target alone is
+``S = E(a, k) / (k c + 1)``. The proxy does not trust a fixed c: it measures. The rule:
+
+    k* = argmax over k in [k_min, k_max] of  E(a_hat, k) / (t_draft(k) + t_verify(k))
+
+- ``a_hat`` is the mean of a Beta posterior over a (:class:`AcceptanceEstimate`). A round that
+  drafted k and accepted n is n successes followed by one failure if n < k, so the exact
+  conjugate update is ``alpha += n``, ``beta += (n < k)``. Old evidence decays geometrically
+  toward the prior (factor ``decay`` per round) so the estimate follows the text's difficulty; the
+  prior (mean 0.6, weight 4 rounds) keeps the first rounds from swinging k to an extreme.
+- ``t_draft(k)`` and ``t_verify(k)`` are straight lines ``fixed + per_token * k`` fitted by
+  exponentially weighted least squares on measured round times (:class:`CostModel`). While the
+  measured k's barely differ the slope is not identified, so it is shrunk toward a prior
+  proportional to the measured mean (per-token cost = ``prior_ratio`` x fixed cost: 1.0 for
+  drafting, which decodes token after token, 0.1 for verifying, one batch) and the
+  line always passes through the mean of what was measured; slopes and intercepts are clamped
+  at 0.
+- Ties go to the smaller k (same throughput, less work thrown away on rejection). Until both
+  costs have measurements the controller keeps its current k.
+
+:class:`AdaptiveK` bundles the estimate, the two cost models and the bounds for the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+from tightwad.decoding.sampling import Rng, normalize
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """What one verify round decided."""
+
+    drafted: int
+    """k: how many draft tokens were proposed."""
+    accepted: int
+    """How many of them were kept (a prefix), 0..k."""
+    tokens: tuple[int, ...]
+    """Tokens to emit: the accepted drafts, then the target's correction or bonus token."""
+
+    @property
+    def bonus(self) -> bool:
+        """All k drafts were accepted, so the last token is the free bonus token."""
+        return self.accepted == self.drafted
+
+
+def _check_lengths(k: int, n_target: int, what: str) -> None:
+    if n_target != k + 1:
+        raise ValueError(f"{what}: a draft of {k} tokens needs {k + 1} target positions "
+                         f"(the k drafted ones plus the next), got {n_target}")
+
+
+def greedy_verify(draft: Sequence[int], target: Sequence[int]) -> Acceptance:
+    """Accept the longest prefix of ``draft`` equal to the target's argmax tokens.
+
+    ``target[i]`` is the target's greedy token at drafted position i (``target[k]`` is the one
+    after the whole draft); take it with :func:`tightwad.decoding.sampling.argmax` so ties are broken the
+    same way everywhere (highest log-probability, then the lowest token id).
+    """
+    _check_lengths(len(draft), len(target), "greedy_verify")
+    n = 0
+    while n < len(draft) and draft[n] == target[n]:
+        n += 1
+    return Acceptance(drafted=len(draft), accepted=n, tokens=(*draft[:n], target[n]))
+
+
+def residual(p: Mapping[int, float], q: Mapping[int, float]) -> dict[int, float]:
+    """``normalize(max(0, p - q))`` over the union of both supports; ``p`` when that is all zero.
+
+    A token only in q contributes 0; a token only in p keeps its p. The all-zero case (p <= q
+    everywhere, i.e. p == q up to rounding) cannot follow a real rejection, so p is the honest
+    fallback.
+    """
+    weights = {t: pt - q.get(t, 0.0) for t, pt in p.items() if pt > q.get(t, 0.0)}
+    if not weights or math.fsum(weights.values()) <= 1e-12:
+        return normalize(p)
+    return normalize(weights)
+
+
+def speculative_sample(draft: Sequence[int], q: Sequence[Mapping[int, float]],
+                       p: Sequence[Mapping[int, float]], rng: Rng) -> Acceptance:
+    """Leviathan/Chen acceptance of a sampled draft.
+
+    ``q[i]`` is the drafter's post-chain distribution at drafted position i (the one ``draft[i]``
+    was drawn from), ``p[i]`` the target's at the same position, and ``p[k]`` the target's after the
+    whole draft. Exactly one uniform is drawn per examined position, and one more for the
+    correction or bonus, so a seeded :class:`~tightwad.decoding.sampling.Rng` replays a round.
+
+    ``q[i](draft[i]) == 0`` cannot happen when q is the exact distribution the drafter sampled
+    from; it means q was truncated. It is treated as the limit of ``p/q`` for q -> 0: accepted
+    when ``p(draft[i]) > 0``, rejected otherwise.
+    """
+    k = len(draft)
+    if len(q) != k:
+        raise ValueError(f"speculative_sample: {k} draft tokens need {k} draft distributions, "
+                         f"got {len(q)}")
+    _check_lengths(k, len(p), "speculative_sample")
+    for i, x in enumerate(draft):
+        px, qx = p[i].get(x, 0.0), q[i].get(x, 0.0)
+        u = rng.uniform()
+        if qx > 0.0:
+            keep = u * qx < px  # u < p/q without dividing; always true when p >= q
+        else:
+            keep = px > 0.0
+        if not keep:
+            return Acceptance(drafted=k, accepted=i,
+                              tokens=(*draft[:i], rng.draw(residual(p[i], q[i]))))
+    return Acceptance(drafted=k, accepted=k, tokens=(*draft, rng.draw(p[k])))
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """E(a, k) = (1 - a^(k+1)) / (1 - a): mean tokens one round emits (k + 1 at a = 1)."""
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"acceptance rate must lie in [0, 1], got {a}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if a > 1.0 - 1e-9:
+        return float(k + 1)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def predicted_speedup(a: float, k: int, c: float) -> float:
+    """S = E(a, k) / (k c + 1), c = one draft token's time over one target token's time."""
+    if c < 0:
+        raise ValueError(f"cost ratio c must be >= 0, got {c}")
+    return expected_tokens(a, k) / (k * c + 1.0)
+
+
+@dataclass(frozen=True)
+class AcceptanceEstimate:
+    """A Beta posterior over the per-position acceptance probability a, with forgetting.
+
+    ``alpha``/``beta`` include the prior; each :meth:`observe` returns a new estimate. Totals of
+    drafted/accepted tokens are kept too, to report llama.cpp's accepted/drafted ratio next to a.
+    """
+
+    prior_mean: float = 0.6
+    prior_weight: float = 4.0
+    decay: float = 0.95
+    """Weight left to the evidence so far after each round (1.0: never forget)."""
+    alpha: float = 2.4
+    beta: float = 1.6
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+
+    @classmethod
+    def with_prior(cls, mean: float = 0.6, weight: float = 4.0,
+                   decay: float = 0.95) -> AcceptanceEstimate:
+        if not 0.0 < mean < 1.0 or weight <= 0.0:
+            raise ValueError(f"the prior needs 0 < mean < 1 and weight > 0, got {mean}, {weight}")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must lie in (0, 1], got {decay}")
+        return cls(prior_mean=mean, prior_weight=weight, decay=decay,
+                   alpha=mean * weight, beta=(1.0 - mean) * weight)
+
+    @property
+    def mean(self) -> float:
+        """The estimate of a (the posterior mean)."""
+        return self.alpha / (self.alpha + self.beta)
+
+    @property
+    def draft_acceptance(self) -> float | None:
+        """llama.cpp's metric: accepted / drafted tokens over all rounds (None before any)."""
+        return self.accepted / self.drafted if self.drafted else None
+
+    def observe(self, drafted: int, accepted: int) -> AcceptanceEstimate:
+        """Fold in one round that proposed ``drafted`` tokens and kept ``accepted``."""
+        if not 0 <= accepted <= drafted:
+            raise ValueError(f"accepted ({accepted}) must lie between 0 and drafted ({drafted})")
+        if drafted == 0:
+            return self
+        a0 = self.prior_mean * self.prior_weight
+        b0 = (1.0 - self.prior_mean) * self.prior_weight
+        return replace(
+            self,
+            alpha=a0 + self.decay * (self.alpha - a0) + accepted,
+            beta=b0 + self.decay * (self.beta - b0) + (1.0 if accepted < drafted else 0.0),
+            drafted=self.drafted + drafted, accepted=self.accepted + accepted,
+            rounds=self.rounds + 1)
+
+
+@dataclass(frozen=True)
+class Line:
+    """A fitted cost: ``fixed + per_token * k`` seconds."""
+
+    fixed: float
+    per_token: float
+
+    def __call__(self, k: int) -> float:
+        return self.fixed + self.per_token * k
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Exponentially weighted least squares of seconds against k, shrunk toward a prior slope.
+
+    The sums are decayed by ``decay`` per observation so the model follows load changes. The
+    slope estimate is ``(Sxx * slope_data + prior_strength * slope_prior) / (Sxx + prior_strength)``
+    with ``Sxx`` the weighted spread of the measured k's and ``slope_prior`` =
+    ``prior_ratio * mean_time / (1 + prior_ratio * mean_k)``; the line passes through the
+    weighted mean of the measurements.
+    """
+
+    prior_ratio: float = 0.1
+    """Assumed per-token cost as a fraction of the fixed cost until the data says otherwise."""
+    prior_strength: float = 2.0
+    decay: float = 0.9
+    w: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+
+    def observe(self, k: int, seconds: float) -> CostModel:
+        """Fold in one measurement: a call for k tokens took ``seconds``."""
+        if k < 0 or not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"need k >= 0 and a finite time >= 0, got k={k}, {seconds} s")
+        d = self.decay
+        return replace(self, w=d * self.w + 1.0, sx=d * self.sx + k, sy=d * self.sy + seconds,
+                       sxx=d * self.sxx + k * k, sxy=d * self.sxy + k * seconds)
+
+    def fit(self) -> Line | None:
+        """The current line, or None before the first measurement."""
+        if self.w <= 0.0:
+            return None
+        mx, my = self.sx / self.w, self.sy / self.w
+        spread = max(self.sxx - self.w * mx * mx, 0.0)
+        slope_prior = self.prior_ratio * my / (1.0 + self.prior_ratio * mx)
+        slope_data = (self.sxy - self.w * mx * my) / spread if spread > 1e-12 else 0.0
+        slope = (spread * slope_data + self.prior_strength * slope_prior) / (
+            spread + self.prior_strength)
+        slope = max(slope, 0.0)
+        return Line(fixed=max(my - slope * mx, 0.0), per_token=slope)
+
+
+def choose_k(a: float, draft: Line, verify: Line, k_min: int, k_max: int) -> int:
+    """The k in [k_min, k_max] that maximises E(a, k) / (draft(k) + verify(k)); ties -> smaller."""
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+    best_k, best_rate = k_min, -1.0
+    for k in range(k_min, k_max + 1):
+        seconds = draft(k) + verify(k)
+        rate = expected_tokens(a, k) / seconds if seconds > 0 else math.inf
+        if rate > best_rate * (1.0 + 1e-9):
+            best_k, best_rate = k, rate
+    return best_k
+
+
+@dataclass(frozen=True)
+class AdaptiveK:
+    """The engine's k controller: observe each round, read :attr:`k` for the next one."""
+
+    k: int = 4
+    k_min: int = 1
+    k_max: int = 16
+    adaptive: bool = True
+    acceptance: AcceptanceEstimate = AcceptanceEstimate()
+    # Drafting decodes one token after another (per-token cost ~ the call's fixed cost);
+    # verifying batches them, so its per-token cost is small next to the round trips.
+    draft_cost: CostModel = CostModel(prior_ratio=1.0)
+    verify_cost: CostModel = CostModel(prior_ratio=0.1)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k_min <= self.k <= self.k_max:
+            raise ValueError(f"need 1 <= k_min <= k <= k_max, got k_min={self.k_min}, "
+                             f"k={self.k}, k_max={self.k_max}")
+
+    def observe(self, drafted: int, accepted: int, draft_seconds: float,
+                verify_seconds: float, timed: bool = True) -> AdaptiveK:
+        """Fold in one round and pick the next k (unchanged when not adaptive).
+
+        ``timed=False``: the round's times measure something else too (the first round of a
+        request also evaluates its whole prompt, on both servers); only its acceptance counts.
+        k grows at most by doubling per round, so one noisy timing cannot fling it to k_max.
+        """
+        acceptance = self.acceptance.observe(drafted, accepted)
+        draft_cost, verify_cost = self.draft_cost, self.verify_cost
+        if timed:
+            draft_cost = draft_cost.observe(drafted, draft_seconds)
+            verify_cost = verify_cost.observe(drafted, verify_seconds)
+        k = self.k
+        draft_line, verify_line = draft_cost.fit(), verify_cost.fit()
+        if self.adaptive and draft_line is not None and verify_line is not None:
+            k = min(choose_k(acceptance.mean, draft_line, verify_line, self.k_min, self.k_max),
+                    2 * self.k)
+        return replace(self, k=k, acceptance=acceptance, draft_cost=draft_cost,
+                       verify_cost=verify_cost)
+
+
+def round_timed(rounds_before: int, evaluated: int, drafted: int, appended: int,
+                pending: int) -> bool:
+    """Whether a round's timings measure a round: not the request's first (which evaluates the
+    whole prompt) and the coordinator evaluated only what the round added (the tokens appended
+    since the last verify, the pending one and the draft), not a prefix it lost from its cache.
+    ``evaluated`` is the server's ``prompt_n``."""
+    return rounds_before > 0 and evaluated <= appended + pending + drafted + 1

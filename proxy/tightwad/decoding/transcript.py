@@ -1,0 +1,82 @@
+"""A request's emitted tokens and their text: end-of-generation, stop strings, ``max_tokens``.
+
+Stop strings and whole multibyte characters are handled by :class:`tightwad.decoding.detok.TextStream`.
+The text of tokens whose bytes arrive one round late (see
+:attr:`tightwad.decoding.acceptance.Outcome.token_bytes`) is held back until
+:meth:`Transcript.resolve` supplies them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from tightwad.decoding.acceptance import VerifyMismatch
+from tightwad.decoding.detok import TextStream
+from tightwad.decoding.tokens import Position
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What one :meth:`Transcript.take` consumed."""
+
+    text: str
+    """Text that may be sent now."""
+    tokens: tuple[int, ...]
+    """The tokens consumed (their text may come later)."""
+    reason: str | None
+    """``stop`` or ``length`` when the output ended, else None."""
+
+
+class Transcript:
+    """Emitted tokens -> sendable text, and when the output ends."""
+
+    def __init__(self, max_tokens: int, stop: Sequence[str], eog: frozenset[int]) -> None:
+        """``eog``: the ids that end the output (empty under ``ignore_eos``)."""
+        self.max_tokens = max_tokens
+        self.eog = eog
+        self.text = TextStream(stop)
+        self.count = 0
+        self.pending: list[int] = []
+        self.stopped = False
+
+    def take(self, tokens: Sequence[int], token_bytes: Sequence[bytes | None]) -> Taken:
+        """Consume tokens until one ends the output."""
+        taken: list[int] = []
+        text: list[str] = []
+        for token, raw in zip(tokens, token_bytes):
+            if self.count >= self.max_tokens:
+                return Taken("".join(text), tuple(taken), "length")
+            taken.append(token)
+            self.count += 1
+            if token in self.eog:
+                return Taken("".join(text), tuple(taken), "stop")
+            if raw is None or self.pending:
+                self.pending.append(token)
+                continue
+            scan = self.text.push(raw)
+            text.append(scan.text)
+            if scan.stopped:
+                self.stopped = True
+                return Taken("".join(text), tuple(taken), "stop")
+        reason = "length" if self.count >= self.max_tokens else None
+        return Taken("".join(text), tuple(taken), reason)
+
+    def resolve(self, positions: Sequence[Position]) -> tuple[str, bool]:
+        """The pending tokens' bytes, from prompt entries that score them; (text, stopped)."""
+        ids = [p.token.id for p in positions]
+        if ids != self.pending:
+            raise VerifyMismatch(f"expected prompt entries for {self.pending}, got {ids}")
+        self.pending = []
+        text: list[str] = []
+        for position in positions:
+            scan = self.text.push(position.token.bytes)
+            text.append(scan.text)
+            if scan.stopped:
+                self.stopped = True
+                return "".join(text), True
+        return "".join(text), False
+
+    def finish(self) -> str:
+        """What the stream still held back (a partial character, a possible stop string)."""
+        return self.text.finish().text

@@ -1,0 +1,194 @@
+"""Async client for llama-server (the proxy's): one session per server, a deadline on every
+call, failures as the three :mod:`tightwad.llamaserver.wire` exception types the engine maps to
+behaviour: :class:`UpstreamDown` (no connection, or the connection dropped mid-answer: the
+process is gone), :class:`UpstreamTimeout` (no answer within the deadline) and
+:class:`UpstreamError` (an HTTP error status, with the server's own message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+import aiohttp
+
+from tightwad.decoding.sampling import SamplingParams
+from tightwad.llamaserver.wire import (Completion, CompletionRequest, Props, StreamChunk,
+                                       UpstreamDown, UpstreamError, UpstreamFailure,
+                                       UpstreamTimeout, error_message, parse_completion,
+                                       parse_props, parse_stream_chunk)
+
+
+class LlamaClient:
+    """One llama-server. Create inside the event loop that uses it; :meth:`close` when done."""
+
+    def __init__(self, base_url: str, *, name: str, timeout_s: float,
+                 api_key: str | None = None, connections: int = 16) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.name = name
+        self.timeout_s = timeout_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._session = aiohttp.ClientSession(
+            # Idle connections are dropped before llama-server's own 5 s keep-alive ends.
+            headers=headers, connector=aiohttp.TCPConnector(limit=connections,
+                                                            keepalive_timeout=3.0),
+            # llama-server answers every call with JSON we parse ourselves.
+            raise_for_status=False)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    def _deadline(self, timeout_s: float | None) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
+
+    async def _send(self, method: str, url: str, body: Any,
+                    timeout: aiohttp.ClientTimeout) -> tuple[int, str]:
+        for attempt in (1, 2):
+            try:
+                async with self._session.request(method, url, json=body,
+                                                 timeout=timeout) as resp:
+                    return resp.status, await resp.text(errors="replace")
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled keep-alive connection the server had already closed fails like
+                # this; one retry on a fresh connection tells that apart from a dead server
+                # (every call is safe to repeat).
+                if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _call(self, method: str, path: str, body: Any = None,
+                    timeout_s: float | None = None) -> Any:
+        url = self.base_url + path
+        try:
+            status, text = await self._send(method, url, body, self._deadline(timeout_s))
+            if status != 200:
+                raise UpstreamError(self.name, status, error_message(status, text))
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(self.name, f"no answer to {path} within "
+                                             f"{timeout_s or self.timeout_s:g} s") from None
+        except aiohttp.ClientError as exc:  # refused, reset, dropped mid-answer
+            raise UpstreamDown(self.name, f"{path}: {exc.__class__.__name__}: {exc}") from None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise UpstreamError(self.name, 200, f"{path} answered with non-JSON: "
+                                                f"{text[:200]!r}") from None
+
+    def _field(self, data: Any, key: str, path: str) -> Any:
+        if not isinstance(data, dict) or key not in data:
+            raise UpstreamError(self.name, 200, f"{path} answered without '{key}'")
+        return data[key]
+
+    # -- server facts ---------------------------------------------------------------------
+
+    async def health(self, timeout_s: float = 2.0) -> bool:
+        """True when the server answers /health with 200 (loading or down: False)."""
+        try:
+            await self._call("GET", "/health", timeout_s=timeout_s)
+            return True
+        except UpstreamFailure:
+            return False
+
+    async def props(self, timeout_s: float | None = None) -> Props:
+        props = await self._call("GET", "/props", timeout_s=timeout_s)
+        models = await self._call("GET", "/v1/models", timeout_s=timeout_s)
+        return parse_props(props, models)
+
+    # -- text <-> tokens ------------------------------------------------------------------
+
+    async def tokenize(self, text: str, *, add_special: bool = True,
+                       parse_special: bool = True) -> list[int]:
+        """Token ids of ``text`` as the server tokenizes a prompt (BOS added, specials parsed)."""
+        data = await self._call("POST", "/tokenize", {
+            "content": text, "add_special": add_special, "parse_special": parse_special})
+        return [int(t["id"]) if isinstance(t, dict) else int(t)
+                for t in self._field(data, "tokens", "/tokenize")]
+
+    async def tokenize_pieces(self, text: str) -> list[tuple[int, str]]:
+        """``(id, piece)`` pairs without BOS, special tokens parsed (for probing a vocabulary)."""
+        data = await self._call("POST", "/tokenize", {
+            "content": text, "add_special": False, "parse_special": True, "with_pieces": True})
+        return [(int(t["id"]), t["piece"] if isinstance(t["piece"], str)
+                 else bytes(t["piece"]).decode("utf-8", "replace"))
+                for t in self._field(data, "tokens", "/tokenize")]
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        data = await self._call("POST", "/detokenize", {"tokens": list(tokens)})
+        return str(self._field(data, "content", "/detokenize"))
+
+    async def apply_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The prompt text the model's own chat template makes of ``messages``."""
+        data = await self._call("POST", "/apply-template", {"messages": list(messages)})
+        return str(self._field(data, "prompt", "/apply-template"))
+
+    # -- generation -----------------------------------------------------------------------
+
+    async def complete(self, request: CompletionRequest,
+                       timeout_s: float | None = None) -> Completion:
+        """One non-streamed ``/completion``; a verify when ``request.prompt_logprobs > 0``."""
+        data = await self._call("POST", "/completion", request.body(stream=False), timeout_s)
+        try:
+            return parse_completion(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UpstreamError(self.name, 200, f"/completion answer not understood: "
+                                                f"{exc!r}") from None
+
+    async def verify(self, context: Sequence[int], draft: Sequence[int], *, scored: int = 0,
+                     sampling: SamplingParams = SamplingParams(temperature=0.0),
+                     seed: int | None = None, n_probs: int = 1, id_slot: int = -1,
+                     ignore_eos: bool = False, timeout_s: float | None = None) -> Completion:
+        """Score ``draft`` after ``context`` in one pass (docs/verify-api.md): the answer's
+        ``prompt_probs`` are the target's distributions at the last ``scored + len(draft)``
+        prompt positions, and its one generated token is the target's token after the draft.
+        ``scored`` extra positions cover context tokens whose entries are wanted too."""
+        return await self.complete(CompletionRequest(
+            prompt=[*context, *draft], n_predict=1, sampling=sampling, seed=seed,
+            n_probs=n_probs, prompt_logprobs=scored + len(draft), id_slot=id_slot,
+            ignore_eos=ignore_eos), timeout_s)
+
+    async def stream(self, request: CompletionRequest,
+                     chunk_timeout_s: float | None = None) -> AsyncIterator[StreamChunk]:
+        """A streamed ``/completion``; the deadline applies to each gap between chunks.
+
+        Closing the generator early (``aclose``, cancellation) closes the connection, which
+        makes llama-server stop generating for it.
+        """
+        url = self.base_url + "/completion"
+        gap = chunk_timeout_s or self.timeout_s
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=gap, sock_read=gap)
+        try:
+            # Connection: close, as llama-server drops the connection after a streamed answer
+            # although it announced keep-alive; a reused one would fail the next request.
+            async with self._session.post(url, json=request.body(stream=True), timeout=timeout,
+                                          headers={"Connection": "close"}) as resp:
+                if resp.status != 200:
+                    text = await resp.text(errors="replace")
+                    raise UpstreamError(self.name, resp.status, error_message(resp.status, text))
+                async for raw in resp.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
+                        if line.startswith(b"error:"):  # some server versions use this field
+                            raise UpstreamError(self.name, 500, line[6:].decode(errors="replace"))
+                        continue
+                    data = json.loads(line[5:])
+                    if "error" in data:
+                        err = data["error"]
+                        raise UpstreamError(self.name, int(err.get("code", 500)),
+                                            str(err.get("message", err)))
+                    chunk = parse_stream_chunk(data)
+                    if chunk.stop:
+                        break
+                    yield chunk
+                else:
+                    raise UpstreamDown(self.name, "the stream ended without a final chunk")
+                # Read to the end, so the connection goes back to the pool in a known state.
+                await resp.read()
+            yield chunk
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(self.name, f"no streamed data within {gap:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamDown(self.name, f"/completion stream: {exc.__class__.__name__}: "
+                                          f"{exc}") from None
+        except ValueError as exc:
+            raise UpstreamError(self.name, 200, f"malformed streamed chunk: {exc}") from None

@@ -1,0 +1,208 @@
+"""llama-server's JSON, both ways: request bodies, answers parsed into dataclasses, and the
+failure types every call maps to. Pure (no I/O): the async and blocking clients use it, and so
+does every other part of tightwad that reads a llama-server answer.
+
+Sampling requests pin the whole chain (``samplers`` plus neutral penalties, DRY, XTC, typical-p,
+top-n-sigma and mirostat), so an operator's server flags cannot make the server sample from
+another distribution than the one :mod:`tightwad.decoding.sampling` replays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from tightwad.decoding.sampling import SamplingParams
+from tightwad.decoding.tokens import Position, TokenLogprob
+
+# The stages tightwad.decoding.sampling replays, in llama.cpp's default order; "dist" is appended by the
+# server itself.
+SAMPLERS = ("top_k", "top_p", "min_p", "temperature")
+_NEUTRAL = {
+    "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    "dry_multiplier": 0.0, "typical_p": 1.0, "xtc_probability": 0.0, "top_n_sigma": -1.0,
+    "mirostat": 0, "dynatemp_range": 0.0, "min_keep": 0, "logit_bias": [],
+    "post_sampling_probs": False,
+}
+
+
+class UpstreamFailure(Exception):
+    """A llama-server did not give a usable answer. ``server`` names which one."""
+
+    def __init__(self, server: str, message: str) -> None:
+        super().__init__(f"{server}: {message}")
+        self.server = server
+        self.detail = message
+
+
+class UpstreamDown(UpstreamFailure):
+    """Connection refused, reset or dropped: the server is not running or just died."""
+
+
+class UpstreamTimeout(UpstreamFailure):
+    """The server did not answer within the call's deadline."""
+
+
+class UpstreamError(UpstreamFailure):
+    """The server answered with an HTTP error status."""
+
+    def __init__(self, server: str, status: int, message: str) -> None:
+        super().__init__(server, f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Timings:
+    cache_n: int = 0
+    prompt_n: int = 0
+    predicted_n: int = 0
+    prompt_ms: float = 0.0
+    predicted_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished ``/completion`` answer."""
+
+    tokens: tuple[int, ...]
+    content: str
+    stop_type: str
+    """``eos`` (an end-of-generation token, included in ``tokens``), ``limit``, ``word``, ``none``."""
+    probs: tuple[Position, ...] = ()
+    """One entry per generated token (when ``n_probs`` was asked for)."""
+    prompt_probs: tuple[Position, ...] = ()
+    """One entry per trailing prompt token (``prompt_logprobs``, the verify patch)."""
+    has_prompt_probs: bool = False
+    """The server returned the ``prompt_probabilities`` field at all (a stock server does not)."""
+    id_slot: int = -1
+    timings: Timings = Timings()
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One streamed piece of a ``/completion`` answer; the last one has ``stop`` set."""
+
+    content: str
+    tokens: tuple[int, ...]
+    """Ids the chunk names. llama-server sends no chunk for a token after which the text ends
+    inside a character, and the next chunk names only its own token: count with
+    ``n_predicted``, not with these."""
+    stop: bool
+    stop_type: str = ""
+    n_predicted: int = 0
+    """Tokens generated so far (cumulative)."""
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A ``/completion`` call on token ids."""
+
+    prompt: Sequence[int]
+    n_predict: int
+    sampling: SamplingParams = SamplingParams(temperature=0.0)
+    seed: int | None = None
+    """The server's own RNG seed (independent of ``sampling.seed``, the proxy's)."""
+    n_probs: int = 0
+    prompt_logprobs: int = 0
+    id_slot: int = -1
+    cache_prompt: bool = True
+    ignore_eos: bool = False
+
+    def body(self, stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "prompt": list(self.prompt), "n_predict": self.n_predict,
+            "temperature": self.sampling.temperature, "top_k": self.sampling.top_k,
+            "top_p": self.sampling.top_p, "min_p": self.sampling.min_p,
+            "samplers": list(SAMPLERS), **_NEUTRAL,
+            "n_probs": self.n_probs, "id_slot": self.id_slot, "cache_prompt": self.cache_prompt,
+            "ignore_eos": self.ignore_eos, "return_tokens": True, "stream": stream,
+        }
+        if self.seed is not None:
+            body["seed"] = self.seed & 0xFFFFFFFF
+        if self.prompt_logprobs:  # absent otherwise, so a stock server sees a stock request
+            body["prompt_logprobs"] = self.prompt_logprobs
+        return body
+
+
+@dataclass(frozen=True)
+class Props:
+    """What ``/props`` and ``/v1/models`` tell about a server and its model."""
+
+    total_slots: int
+    n_ctx: int
+    """Context size of ONE slot."""
+    model: str
+    bos_token: str
+    eos_token: str
+    chat_template: str
+    build_info: str
+    n_vocab: int | None = None
+    vocab_type: int | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _token(entry: Mapping[str, Any]) -> TokenLogprob:
+    return TokenLogprob(id=int(entry["id"]), bytes=bytes(entry.get("bytes") or b""),
+                        logprob=float(entry["logprob"]))
+
+
+def _position(entry: Mapping[str, Any]) -> Position:
+    return Position(token=_token(entry),
+                    top=tuple(_token(t) for t in entry.get("top_logprobs") or ()))
+
+
+def _timings(raw: Mapping[str, Any] | None) -> Timings:
+    raw = raw or {}
+    return Timings(cache_n=int(raw.get("cache_n", 0)), prompt_n=int(raw.get("prompt_n", 0)),
+                   predicted_n=int(raw.get("predicted_n", 0)),
+                   prompt_ms=float(raw.get("prompt_ms", 0.0)),
+                   predicted_ms=float(raw.get("predicted_ms", 0.0)))
+
+
+def parse_completion(data: Mapping[str, Any]) -> Completion:
+    """A ``/completion`` JSON answer (non-streamed, or the final streamed chunk) as a dataclass."""
+    prompt_probs = data.get("prompt_probabilities")
+    return Completion(
+        tokens=tuple(int(t) for t in data.get("tokens") or ()),
+        content=str(data.get("content", "")),
+        stop_type=str(data.get("stop_type", "none")),
+        probs=tuple(_position(p) for p in data.get("completion_probabilities") or ()),
+        prompt_probs=tuple(_position(p) for p in prompt_probs or ()),
+        has_prompt_probs=prompt_probs is not None,
+        id_slot=int(data.get("id_slot", -1)),
+        timings=_timings(data.get("timings")),
+    )
+
+
+def error_message(status: int, text: str) -> str:
+    try:
+        err = json.loads(text).get("error", {})
+        return str(err.get("message") or err) if isinstance(err, dict) else str(err)
+    except (ValueError, AttributeError):
+        return text.strip()[:500] or f"status {status}"
+
+
+def parse_props(props: Any, models: Any) -> Props:
+    """``/props`` and ``/v1/models`` answers of one server as :class:`Props`."""
+    props = props if isinstance(props, dict) else {}
+    data = (models.get("data") or [{}])[0] if isinstance(models, dict) else {}
+    meta = data.get("meta") or {}
+    settings = props.get("default_generation_settings") or {}
+    return Props(
+        total_slots=int(props.get("total_slots", 1)),
+        n_ctx=int(settings.get("n_ctx") or meta.get("n_ctx") or 0),
+        model=str(data.get("id") or props.get("model_alias") or props.get("model_path", "")),
+        bos_token=str(props.get("bos_token", "")), eos_token=str(props.get("eos_token", "")),
+        chat_template=str(props.get("chat_template", "")),
+        build_info=str(props.get("build_info", "")),
+        n_vocab=meta.get("n_vocab"), vocab_type=meta.get("vocab_type"), meta=meta)
+
+
+def parse_stream_chunk(data: Mapping[str, Any]) -> StreamChunk:
+    """One ``data:`` object of a streamed ``/completion``."""
+    return StreamChunk(content=str(data.get("content", "")),
+                       tokens=tuple(int(t) for t in data.get("tokens") or ()),
+                       stop=bool(data.get("stop")), stop_type=str(data.get("stop_type", "")),
+                       n_predicted=int(data.get("tokens_predicted", 0)))

@@ -1,0 +1,2 @@
+"""The proxy's aiohttp app: routes, OpenAI wire shapes, SSE, auth and lifecycle.
+``python -m tightwad.server`` runs it."""

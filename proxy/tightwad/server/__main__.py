@@ -1,0 +1,57 @@
+"""Run the proxy: ``python -m tightwad.server [--config FILE]``.
+
+Reads the YAML config (``TIGHTWAD_<SECTION>__<KEY>`` variables override it, see
+:mod:`tightwad.config`), refuses to serve a non-loopback address without a token, and serves the
+OpenAI API until SIGINT/SIGTERM. Configuration problems are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from aiohttp import web
+
+from tightwad.server.app import create_app
+from tightwad.config import ConfigError, check_bind_security, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tightwad.server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "-c", default=None,
+                        help="YAML config file (default: built-in defaults plus environment)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config (and the bind/token rule), print nothing, exit")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        check_bind_security(config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.check:
+        return 0
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config)
+    # handler_cancellation: a client that disconnects cancels its request's upstream work.
+    # shutdown_timeout: a backstop only; the app itself ends what runs past the grace period.
+    web.run_app(app, host=config.listen.host, port=config.listen.port,
+                handler_cancellation=True, shutdown_timeout=config.listen.shutdown_grace_s + 5,
+                print=lambda msg: logging.getLogger(
+                    "tightwad.server").info("serving the OpenAI API on http://%s:%d/v1",
+                                            config.listen.host, config.listen.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,0 @@
-"""Helpers that run real llama.cpp processes and write small models, for tests and the demo."""

@@ -1,0 +1,75 @@
+"""The pool filters the service roles share (filter_plugins/tightwad_pool.py): --rpc order,
+service URLs, free memory per worker device and the tensor split. Pure functions, fed with
+the output of the commands the coordinator role runs on the workers."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from support import REPO
+_spec = importlib.util.spec_from_file_location("tightwad_pool_filters",
+                                               REPO / "filter_plugins" / "tightwad_pool.py")
+pool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pool)
+
+LIST_DEVICES = """\
+Available devices:
+  CUDA0: NVIDIA GeForce RTX 3060 (12044 MiB, 11800 MiB free)
+  CUDA1: NVIDIA GeForce RTX 2070 (7971 MiB, 7600 MiB free)
+"""
+MEMINFO = "MemTotal:       32768000 kB\nMemFree:         1000000 kB\nMemAvailable:   20480000 kB\n"
+HOSTVARS = {
+    "rig": {"ansible_host": "10.0.0.10", "tightwad_pool_address": "192.168.7.10",
+            "rpc_worker_instances": [{"name": "cuda0", "port": 50052, "device": "CUDA0"},
+                                     {"name": "cuda1", "port": 50053, "device": "CUDA1"}]},
+    "xeon": {"ansible_host": "192.168.7.13"},
+    "v6": {"tightwad_pool_address": "fd00::5", "coordinator_port": 9000},
+}
+
+
+def test_endpoints_follow_inventory_order_with_defaults():
+    endpoints = pool.tightwad_rpc_endpoints(["rig", "xeon"], HOSTVARS)
+    assert [e["rpc"] for e in endpoints] == ["192.168.7.10:50052", "192.168.7.10:50053",
+                                             "192.168.7.13:50052"]
+    assert [e["device"] for e in endpoints] == ["CUDA0", "CUDA1", ""]
+    assert endpoints[2]["name"] == "main"  # rpc_worker's default instance
+
+
+def test_two_workers_on_one_port_are_refused():
+    hostvars = {"a": {"ansible_host": "10.0.0.1",
+                      "rpc_worker_instances": [{"name": "x", "port": 1}, {"name": "y", "port": 1}]}}
+    with pytest.raises(pool.AnsibleFilterError, match="10.0.0.1:1"):
+        pool.tightwad_rpc_endpoints(["a"], hostvars)
+
+
+def test_service_urls():
+    assert pool.tightwad_service_url(["xeon"], HOSTVARS, "coordinator_port", 8090) == \
+        "http://192.168.7.13:8090"
+    assert pool.tightwad_service_url(["v6"], HOSTVARS, "coordinator_port", 8090) == \
+        "http://[fd00::5]:9000"
+    assert pool.tightwad_service_url([], HOSTVARS, "drafter_port", 8091) == ""
+
+
+def test_free_memory_of_gpu_and_cpu_devices():
+    assert pool.tightwad_device_free_mib(LIST_DEVICES, MEMINFO, "CUDA1") == 7600
+    assert pool.tightwad_device_free_mib(LIST_DEVICES, MEMINFO, "CUDA0,CUDA1") == 19400
+    assert pool.tightwad_device_free_mib(LIST_DEVICES, MEMINFO, "") == 19400  # all devices
+    # A CPU build lists no devices: the CPU device offers the available RAM.
+    assert pool.tightwad_device_free_mib("Available devices:\n  (none)\n", MEMINFO, "") == 20000
+    assert pool.tightwad_device_free_mib(LIST_DEVICES, MEMINFO, "CPU") == 20000
+    with pytest.raises(pool.AnsibleFilterError, match="ROCm0 is not on this worker"):
+        pool.tightwad_device_free_mib(LIST_DEVICES, MEMINFO, "ROCm0")
+    with pytest.raises(pool.AnsibleFilterError, match="MemAvailable"):
+        pool.tightwad_device_free_mib("", "", "")
+
+
+def test_split_is_proportional_to_free_memory_in_rpc_order():
+    endpoints = pool.tightwad_rpc_endpoints(["rig", "xeon"], HOSTVARS)
+    free = pool.tightwad_free_mib(endpoints, {"rig": LIST_DEVICES, "xeon": "(none)"},
+                                  {"rig": MEMINFO, "xeon": MEMINFO})
+    assert free == [11800, 7600, 20000]
+    assert pool.tightwad_tensor_split(free) == "11800,7600,20000"
+    with pytest.raises(pool.AnsibleFilterError, match="none free"):
+        pool.tightwad_tensor_split([0, 0])

@@ -1,0 +1,159 @@
+"""The rpc_worker role's rendered service files: the systemd unit passes ``systemd-analyze
+verify``, the launchd plist parses with plistlib, the nftables rules admit only the coordinator,
+and the role refuses to listen on every interface by default."""
+
+from __future__ import annotations
+
+import json
+import os
+import plistlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ansible", reason="ansible-core is not installed")
+
+from support import REPO
+ROLE = REPO / "roles" / "rpc_worker"
+PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
+
+INVENTORY = """\
+all:
+  hosts:
+    worker:
+      ansible_connection: local
+      ansible_host: 10.77.0.12
+  children:
+    coordinator:
+      hosts:
+        coord:
+          ansible_host: 10.77.0.13
+"""
+
+RENDER = """\
+- name: Render the rpc_worker templates
+  hosts: worker
+  gather_facts: false
+  vars_files:
+    - {defaults}
+  tasks:
+    - name: Render {{{{ item.src }}}}
+      ansible.builtin.template:
+        src: {templates}/{{{{ item.src }}}}
+        dest: "{{{{ out }}}}/{{{{ item.dest }}}}"
+        mode: "0644"
+      loop:
+        - {{src: tightwad-rpc.service.j2, dest: tightwad-rpc-gpu0.service}}
+        - {{src: tightwad-rpc.plist.j2, dest: com.tightwad.rpc.gpu0.plist}}
+        - {{src: rpc-worker.nft.j2, dest: rpc-worker.nft}}
+        - {{src: tightwad-rpc-firewall.service.j2, dest: tightwad-rpc-firewall.service}}
+      vars:
+        _rpc_worker: {{name: gpu0, port: 50053, device: CUDA0}}
+"""
+
+# The checks alone (include_role would run the llama_cpp dependency first).
+PREFLIGHT = """\
+- name: Preflight
+  hosts: worker
+  gather_facts: false
+  vars_files:
+    - {role}/defaults/main.yml
+  tasks:
+    - name: Run the role's checks
+      ansible.builtin.import_tasks: {role}/tasks/preflight.yml
+""".format(role=ROLE)
+
+
+def run_playbook(tmp_path: Path, text: str, *extra: str) -> subprocess.CompletedProcess:
+    (tmp_path / "inventory.yml").write_text(INVENTORY)
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(text)
+    # The project's ansible.cfg puts the shared filter plugins on the path.
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
+    cmd = [str(PLAYBOOK_BIN), "-i", str(tmp_path / "inventory.yml"), str(playbook),
+           "-e", f"ansible_python_interpreter={sys.executable}", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("rpc-render")
+    out = tmp / "out"
+    out.mkdir()
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "ggml-rpc-server"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    result = run_playbook(tmp, RENDER.format(defaults=ROLE / "defaults" / "main.yml",
+                                             templates=ROLE / "templates"),
+                          "-e", f"out={out}", "-e", f"rpc_worker_bin_dir={bin_dir}")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    return out
+
+
+def test_unit_binds_the_pool_address_with_cache_and_hardening(rendered):
+    unit = (rendered / "tightwad-rpc-gpu0.service").read_text()
+    assert unit.startswith("# Ansible managed")
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.endswith(
+        "/ggml-rpc-server --host 10.77.0.12 --port 50053 --device CUDA0 --cache")
+    assert "0.0.0.0" not in unit
+    for line in ("User=tightwad-rpc", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "Restart=on-failure", "CacheDirectory=tightwad-rpc/gpu0",
+                 "Environment=LLAMA_CACHE=/var/cache/tightwad-rpc/gpu0"):
+        assert line in unit.splitlines(), line
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@pytest.mark.parametrize("name", ["tightwad-rpc-gpu0.service", "tightwad-rpc-firewall.service"])
+def test_systemd_analyze_verify_accepts_the_units(rendered, name):
+    if name == "tightwad-rpc-firewall.service" and not Path("/usr/sbin/nft").exists():
+        pytest.skip("verify checks that ExecStart exists; /usr/sbin/nft is not installed here")
+    result = subprocess.run(["systemd-analyze", "verify", str(rendered / name)],
+                            capture_output=True, text=True, timeout=60)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if name in line or "tightwad" in line]
+    assert result.returncode == 0 and not problems, result.stdout + result.stderr
+
+
+def test_launchd_plist_parses(rendered):
+    with (rendered / "com.tightwad.rpc.gpu0.plist").open("rb") as fh:
+        plist = plistlib.load(fh)
+    assert plist["Label"] == "com.tightwad.rpc.gpu0"
+    assert plist["ProgramArguments"][1:] == ["--host", "10.77.0.12", "--port", "50053",
+                                             "--device", "CUDA0", "--cache"]
+    assert plist["ProgramArguments"][0].endswith("/ggml-rpc-server")
+    assert plist["KeepAlive"] is True and plist["RunAtLoad"] is True
+
+
+def test_nftables_rules_admit_only_the_coordinator(rendered):
+    rules = (rendered / "rpc-worker.nft").read_text()
+    assert "ip saddr { 10.77.0.13 } tcp dport { 50052 } accept" in rules
+    assert "tcp dport { 50052 } drop" in rules
+    if shutil.which("nft") and os.geteuid() == 0:
+        result = subprocess.run(["nft", "-c", "-f", str(rendered / "rpc-worker.nft")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"rpc_worker_bind_address": "0.0.0.0"}, "rpc_worker_allow_any_address=true"),
+    ({"rpc_worker_bind_address": "rig.local"}, "tightwad_pool_address"),
+    ({"rpc_worker_instances": [{"name": "a", "port": 1}, {"name": "b", "port": 1}]}, "unique"),
+    ({"rpc_worker_coordinator_group": "nobody"}, "no coordinator address"),
+])
+def test_preflight_refuses_unsafe_or_broken_settings(tmp_path, extra, needle):
+    extra_file = tmp_path / "extra.json"
+    extra_file.write_text(json.dumps(extra))
+    result = run_playbook(tmp_path, PREFLIGHT, "-e", f"@{extra_file}")
+    assert result.returncode != 0
+    assert needle in result.stdout, result.stdout[-3000:]
+
+
+def test_preflight_accepts_the_defaults(tmp_path):
+    result = run_playbook(tmp_path, PREFLIGHT)
+    assert result.returncode == 0, result.stdout[-3000:]

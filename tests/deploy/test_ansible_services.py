@@ -1,0 +1,170 @@
+"""The coordinator/drafter (llama_server) and proxy roles' rendered files: units that
+``systemd-analyze verify`` accepts, with the arguments the inventory asks for and no secret on a
+command line; a proxy config that the proxy's own schema accepts. The deploy test runs them for
+real on systemd hosts; these catch template mistakes in seconds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("ansible", reason="ansible-core is not installed")
+
+from support import REPO
+ROLES = REPO / "roles"
+PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
+
+INVENTORY = """\
+all:
+  vars:
+    tightwad_proxy_token: s3cret-token
+  children:
+    rpc_workers:
+      hosts:
+        w1: {ansible_host: 10.77.0.11}
+        w2: {ansible_host: 10.77.0.12, rpc_worker_instances: [{name: a, port: 50052}, {name: b, port: 50053}]}
+    coordinator:
+      hosts:
+        coord: {ansible_host: 10.77.0.13, ansible_connection: local, coordinator_parallel: 3,
+                coordinator_api_key: coord-key}
+    drafters:
+      hosts:
+        junk: {ansible_host: 10.77.0.14, drafter_port: 9091}
+    proxy:
+      hosts:
+        coord:
+"""
+
+RENDER = """\
+- name: Render the service templates
+  hosts: coord
+  gather_facts: false
+  vars_files:
+    - {roles}/llama_server/defaults/main.yml
+    - {roles}/llama_server/vars/main.yml
+    - {roles}/proxy/defaults/main.yml
+    - {roles}/proxy/vars/main.yml
+  vars:
+    llama_cpp_detected: {{backend: cpu}}
+    ansible_facts: {{python: {{version: {{major: 3, minor: 11}}, executable: /usr/bin/python3}},
+                    architecture: x86_64, memtotal_mb: 4096}}
+  tasks:
+    - name: Render the coordinator's unit
+      ansible.builtin.template:
+        src: {roles}/llama_server/templates/tightwad-llama-server.service.j2
+        dest: "{{{{ out }}}}/tightwad-coordinator.service"
+        mode: "0644"
+      vars:
+        llama_server_name: coordinator
+        llama_server_model: /models/big.gguf
+        llama_server_draft_model: /models/small.gguf
+        llama_server_api_key: coord-key
+        llama_server_args: [--rpc, "10.77.0.11:50052,10.77.0.12:50052", --tensor-split, "3,1"]
+    - name: Render the proxy's unit and config
+      ansible.builtin.template:
+        src: {roles}/proxy/templates/{{{{ item.src }}}}
+        dest: "{{{{ out }}}}/{{{{ item.dest }}}}"
+        mode: "0644"
+      loop:
+        - {{src: tightwad-proxy.service.j2, dest: tightwad-proxy.service}}
+        - {{src: proxy.yml.j2, dest: proxy.yml}}
+"""
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("services")
+    # Units name real executables (systemd-analyze verify checks them): fakes stand in.
+    out, bin_dir, venv = tmp / "out", tmp / "bin", tmp / "venv"
+    out.mkdir()
+    for path in (bin_dir / "llama-server", venv / "bin" / "python"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\nexit 0\n")
+        path.chmod(0o755)
+    (tmp / "inventory.yml").write_text(INVENTORY)
+    (tmp / "play.yml").write_text(RENDER.format(roles=ROLES))
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
+    result = subprocess.run(
+        [str(PLAYBOOK_BIN), "-i", str(tmp / "inventory.yml"), str(tmp / "play.yml"),
+         "-e", f"out={out}", "-e", f"llama_server_bin_dir={bin_dir}",
+         "-e", f"proxy_install_dir={tmp}",
+         "-e", f"ansible_python_interpreter={sys.executable}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    return out
+
+
+def _exec_start(unit: str) -> str:
+    return next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+
+
+def test_coordinator_unit_runs_the_pool_without_secrets_on_the_command_line(rendered):
+    unit = (rendered / "tightwad-coordinator.service").read_text()
+    assert unit.startswith("# Ansible managed")
+    exec_start = _exec_start(unit)
+    for part in ("--host 10.77.0.13 --port 8090", "--model /var/lib/tightwad/models/big.gguf",
+                 "--parallel 4", "--n-gpu-layers 999",
+                 "--spec-type draft-simple --spec-draft-model /var/lib/tightwad/models/small.gguf",
+                 "--api-key-file /etc/tightwad/coordinator.key",
+                 "--rpc 10.77.0.11:50052,10.77.0.12:50052 --tensor-split 3,1"):
+        assert part in exec_start, part
+    assert "coord-key" not in unit
+    for line in ("User=tightwad", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "Restart=on-failure", "StartLimitIntervalSec=0", "PrivateDevices=yes"):
+        assert line in unit.splitlines(), line
+
+
+def test_proxy_config_is_accepted_by_the_proxy_and_points_at_the_pool(rendered):
+    config = yaml.safe_load((rendered / "proxy.yml").read_text())
+    assert config["listen"] == {"host": "10.77.0.13", "port": 8088}
+    assert config["auth"] == {"token": "s3cret-token"}
+    assert config["target"] == {"url": "http://10.77.0.13:8090", "slots": 3, "api_key": "coord-key"}
+    assert config["drafter"] == {"url": "http://10.77.0.14:9091", "slots": 4}
+    assert config["speculation"]["mode"] == "remote" and config["speculation"]["k_max"] == 16
+    check = subprocess.run([sys.executable, "-m", "tightwad.server", "--check", "--config",
+                            str(rendered / "proxy.yml")], capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 0, check.stderr
+    # The same file without its token is refused off loopback: the role's validate step.
+    del config["auth"]
+    bad = rendered / "proxy-no-token.yml"
+    bad.write_text(yaml.safe_dump(config))
+    check = subprocess.run([sys.executable, "-m", "tightwad.server", "--check", "--config",
+                            str(bad)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 2 and "listen.host" in check.stderr
+
+
+def test_proxy_unit_is_hardened(rendered):
+    unit = (rendered / "tightwad-proxy.service").read_text()
+    assert _exec_start(unit).endswith("/bin/python -m tightwad.server --config /etc/tightwad/proxy.yml")
+    for line in ("User=tightwad", "MemoryDenyWriteExecute=yes", "SystemCallFilter=@system-service",
+                 "ProtectSystem=strict", "CapabilityBoundingSet="):
+        assert line in unit.splitlines(), line
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@pytest.mark.parametrize("name", ["tightwad-coordinator.service", "tightwad-proxy.service"])
+def test_systemd_analyze_verify_accepts_the_units(rendered, name):
+    result = subprocess.run(["systemd-analyze", "verify", str(rendered / name)],
+                            capture_output=True, text=True, timeout=60)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if name in line or "tightwad" in line]
+    assert result.returncode == 0 and not problems, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("role", ["llama_cpp", "rpc_worker", "coordinator", "drafter", "proxy",
+                                  "llama_server"])
+def test_every_role_passes_syntax_check(tmp_path, role):
+    playbook = tmp_path / "syntax.yml"
+    playbook.write_text(f"- name: Syntax\n  hosts: all\n  roles:\n    - role: {role}\n")
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
+    result = subprocess.run([str(PLAYBOOK_BIN), "-i", "localhost,", "--syntax-check",
+                             str(playbook)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
