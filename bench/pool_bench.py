@@ -45,10 +45,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from tightwad import build as llama_build
-from tightwad_dev.linkemu import PROFILES, LinkProfile, adjust_profile
-from tightwad_dev.benchmodels import BenchPair, ensure_bench_models
-
 # Run as a script, this file's directory (bench/) is on sys.path: its modules import as
 # top-level ones.
 from benchenv import binary_version, llama_binaries, machine_info
@@ -56,10 +52,14 @@ from poolbench.plot import write_plot
 from poolbench.report import write_markdown
 from poolbench.scenarios import log, measure_all
 from poolbench.services import legacy_venv
-from poolbench.settings import (DEFAULT_LEGACY_VENV, LABELS, LEGACY_VERSION, PROMPTS, SLOTS,
-                                VERIFY_MAX_TOKENS)
+from poolbench.settings import DEFAULT_LEGACY_VENV, LABELS, LEGACY_VERSION, PROMPTS, SLOTS, VERIFY_MAX_TOKENS
 from poolbench.summary import finish
 from poolbench.tables import config_table
+
+from tightwad import build as llama_build
+from tightwad_dev.benchmodels import BenchPair, ensure_bench_models
+from tightwad_dev.linkemu import PROFILES, LinkProfile, adjust_profile
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

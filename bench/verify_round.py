@@ -34,15 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from tightwad import build as llama_build
-from tightwad_dev.benchmath import spread
-from tightwad_dev.linkemu import PROFILES, LinkProfile, LinkStats, RelayThread, adjust_profile
-from tightwad.pool.demomodels import TARGET_SPEC
-from tightwad_dev.models import ensure_models
-from tightwad.pool.procs import LlamaServer, ProcessGroup
-
 # Run as a script, this file's directory (bench/) is on sys.path.
 from benchenv import binary_version, llama_binaries, machine_info
+
+from tightwad import build as llama_build
+from tightwad.pool.demomodels import TARGET_SPEC
+from tightwad.pool.procs import LlamaServer, ProcessGroup
+from tightwad_dev.benchmath import spread
+from tightwad_dev.linkemu import PROFILES, LinkProfile, LinkStats, RelayThread, adjust_profile
+from tightwad_dev.models import ensure_models
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog because",

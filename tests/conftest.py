@@ -14,9 +14,9 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from tightwad import build as llama_build
-from tightwad_dev.models import ModelSet, ensure_models
-from tightwad_dev.inproc import PROXY_SLOTS, VERIFY_MAX_TOKENS, ProxyThread, proxy_config
 from tightwad.pool.procs import LlamaServer, Proc, ProcessGroup, RpcWorker
+from tightwad_dev.inproc import PROXY_SLOTS, VERIFY_MAX_TOKENS, ProxyThread, proxy_config
+from tightwad_dev.models import ModelSet, ensure_models
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from tightwad_dev.linkemu import LinkStats, RelayThread
 from tightwad.pool.procs import LlamaServer, ProcessGroup
+from tightwad_dev.linkemu import LinkStats, RelayThread
 
 from .http import Stream, get_json, prometheus_sums, stream_post
 from .sample import Sample

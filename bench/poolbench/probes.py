@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tightwad_dev import benchmath as bm
 from tightwad.pool.procs import LlamaServer
+from tightwad_dev import benchmath as bm
 
 from .http import post_json
 from .settings import VERIFY_MAX_TOKENS

@@ -13,18 +13,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tightwad_dev import benchmath as bm
-from tightwad_dev.linkemu import LinkProfile, RelayThread
-from tightwad_dev.benchmodels import BenchPair
 from tightwad.pool.procs import LlamaServer, ProcessGroup
+from tightwad_dev import benchmath as bm
+from tightwad_dev.benchmodels import BenchPair
+from tightwad_dev.linkemu import LinkProfile, RelayThread
 
 from .greedy import compare_outputs
 from .measure import Bench, Endpoint
 from .probes import draft_step_ms, measure_agreement, profile_round
-from .services import (native_default_k, native_spec_args, start_coordinator, start_legacy,
-                       start_proxy, stopping)
-from .settings import (ADAPTIVE, CTX, LEGACY_VERSION, NATIVE_DEFAULT, PROMPTS, SLOTS,
-                       VERIFY_MAX_TOKENS)
+from .services import (
+    native_default_k,
+    native_spec_args,
+    start_coordinator,
+    start_legacy,
+    start_proxy,
+    stopping,
+)
+from .settings import ADAPTIVE, CTX, LEGACY_VERSION, NATIVE_DEFAULT, PROMPTS, SLOTS, VERIFY_MAX_TOKENS
 from .summary import speedup_bound
 
 LEGACY_NOTE = (

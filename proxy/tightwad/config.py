@@ -19,8 +19,17 @@ from typing import Any, Literal, Mapping
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from tightwad import defaults
 
 ENV_PREFIX = "TIGHTWAD_"
 ENV_NESTING = "__"
@@ -60,7 +69,7 @@ class ListenConfig(_Section):
     host: str = Field("127.0.0.1", description=(
         "Address to bind. Anything but loopback requires auth.token "
         "(or auth.allow_unauthenticated_remote)."))
-    port: int = Field(8088, ge=1, le=65535, description="TCP port of the OpenAI-compatible API.")
+    port: int = Field(defaults.PROXY_PORT, ge=1, le=65535, description="TCP port of the OpenAI-compatible API.")
     shutdown_grace_s: float = Field(5.0, ge=0, le=3600, description=(
         "On SIGTERM (a restart), new connections are refused at once and requests in flight "
         "get this long to finish; then each ends cleanly: 503 with Retry-After, or an error "
@@ -81,7 +90,7 @@ class AuthConfig(_Section):
 class TargetConfig(_Section):
     """The coordinator: the pooled llama-server holding the big model."""
 
-    url: str = Field("http://127.0.0.1:8090", description="Base URL of the coordinator.")
+    url: str = Field(f"http://127.0.0.1:{defaults.COORDINATOR_PORT}", description="Base URL of the coordinator.")
     api_key: SecretStr | None = Field(None, description=(
         "Key the coordinator expects (its --api-key), if any. Never logged."))
     timeout_s: float = Field(300.0, gt=0, description=(
@@ -102,7 +111,7 @@ class TargetConfig(_Section):
 class DrafterConfig(_Section):
     """The drafter: a small llama-server with the same tokenizer as the target."""
 
-    url: str = Field("http://127.0.0.1:8091", description="Base URL of the drafter.")
+    url: str = Field(f"http://127.0.0.1:{defaults.DRAFTER_PORT}", description="Base URL of the drafter.")
     api_key: SecretStr | None = Field(None, description="Key the drafter expects, if any.")
     timeout_s: float = Field(5.0, gt=0, description=(
         "Deadline for one draft call; past it the round goes on without a draft (the target "

@@ -8,10 +8,11 @@ import asyncio
 import threading
 from typing import Any, Coroutine
 
+from tightwad import defaults
 from tightwad.pool.procs import LlamaServer, free_port
 
-VERIFY_MAX_TOKENS = 32
-PROXY_SLOTS = 4
+VERIFY_MAX_TOKENS = defaults.VERIFY_MAX_TOKENS
+PROXY_SLOTS = defaults.SLOTS
 
 
 class ProxyThread:

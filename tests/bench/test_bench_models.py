@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tightwad_dev.benchmodels import (BENCH_DRAFT_SPEC, BENCH_TARGET_SPEC, SPECIAL_TOKENS,
-                                      bench_digest, byte_bpe_vocab, ensure_bench_models)
 from tightwad.pool.demomodels import ModelSpec, read_gguf, vocab_fingerprint
+from tightwad_dev.benchmodels import (
+    BENCH_DRAFT_SPEC,
+    BENCH_TARGET_SPEC,
+    SPECIAL_TOKENS,
+    bench_digest,
+    byte_bpe_vocab,
+    ensure_bench_models,
+)
 
 
 def _kv(key: str):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from support import REPO as ROOT
+
 # The run docs/benchmarks.md shows first, then the earlier runs of its repeatability table.
 SAVED = ["bench/results/pool_bench-wifi-3.json", "bench/results/pool_bench-wifi-1.json",
          "bench/results/pool_bench-wifi-2.json"]

@@ -36,6 +36,7 @@ pytestmark = [
 ]
 
 from support import REPO
+
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
 GROUPS = {"rpc_workers": ["w1", "w2"], "coordinator": ["coord"], "drafters": ["coord"],
           "proxy": ["coord"]}

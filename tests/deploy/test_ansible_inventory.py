@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("ansible", reason="ansible-core is not installed")
 
 from support import REPO
+
 EXAMPLE = REPO / "inventory" / "example" / "hosts.yml"
 BIN = Path(sys.executable).parent
 

@@ -19,9 +19,9 @@ import pytest
 
 pytest.importorskip("ansible", reason="ansible-core is not installed")
 
+from support import REPO
 from tightwad import build
 
-from support import REPO
 ROLE = REPO / "roles" / "llama_cpp"
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
 

@@ -9,6 +9,7 @@ import importlib.util
 import pytest
 
 from support import REPO
+
 _spec = importlib.util.spec_from_file_location("tightwad_pool_filters",
                                                REPO / "filter_plugins" / "tightwad_pool.py")
 pool = importlib.util.module_from_spec(_spec)

@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("ansible", reason="ansible-core is not installed")
 
 from support import REPO
+
 ROLE = REPO / "roles" / "rpc_worker"
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
 

@@ -17,6 +17,7 @@ import yaml
 pytest.importorskip("ansible", reason="ansible-core is not installed")
 
 from support import REPO
+
 ROLES = REPO / "roles"
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
 

@@ -22,8 +22,8 @@ import yaml
 
 from tightwad import build as llama_build
 from tightwad.pool import rpcproto
-from tightwad_dev.models import ModelSet
 from tightwad.pool.procs import ProcessGroup, RpcWorker
+from tightwad_dev.models import ModelSet
 
 pytestmark = pytest.mark.timeout(240)
 

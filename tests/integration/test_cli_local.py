@@ -21,12 +21,11 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+from test_cli_units import FakeWorker
 
 from support import REPO
-from tightwad_dev.models import ModelSet
 from tightwad.pool.procs import free_port
-
-from test_cli_units import FakeWorker
+from tightwad_dev.models import ModelSet
 
 pytestmark = pytest.mark.timeout(240)
 

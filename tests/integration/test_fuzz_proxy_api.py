@@ -29,10 +29,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tightwad.pool.procs import HttpService, LlamaServer, ProcessGroup
 from tightwad_dev.clients import rss_bytes
 from tightwad_dev.inproc import VERIFY_MAX_TOKENS
 from tightwad_dev.models import ModelSet
-from tightwad.pool.procs import HttpService, LlamaServer, ProcessGroup
 from tightwad_dev.report import measured
 
 pytestmark = pytest.mark.timeout(300)

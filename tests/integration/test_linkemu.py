@@ -22,8 +22,17 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
 
-from tightwad_dev.linkemu import (PROFILES, LinkProfile, LinkStats, Relay, RelayThread,
-                                  adjust_profile, get_profile, parse_endpoint, precise_loop)
+from tightwad_dev.linkemu import (
+    PROFILES,
+    LinkProfile,
+    LinkStats,
+    Relay,
+    RelayThread,
+    adjust_profile,
+    get_profile,
+    parse_endpoint,
+    precise_loop,
+)
 
 LOOPBACK = "127.0.0.1"
 from support import REPO

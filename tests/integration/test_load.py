@@ -22,9 +22,9 @@ from typing import Iterator
 
 import pytest
 
+from tightwad.pool.procs import HttpService, ProcessGroup
 from tightwad_dev.clients import StreamResult, percentile, stream
 from tightwad_dev.inproc import PROXY_SLOTS, greedy_text_verdict
-from tightwad.pool.procs import HttpService, ProcessGroup
 from tightwad_dev.report import measured
 
 TOKENS = int(os.environ.get("TIGHTWAD_LOAD_TOKENS", "16"))

@@ -16,9 +16,8 @@ from typing import Any, Iterable, Iterator
 import openai
 import pytest
 
-from tightwad_dev.inproc import (PROXY_SLOTS, VERIFY_MAX_TOKENS, ProxyThread, greedy_text_verdict,
-                                 proxy_config)
 from tightwad.pool.procs import LlamaServer
+from tightwad_dev.inproc import PROXY_SLOTS, VERIFY_MAX_TOKENS, ProxyThread, greedy_text_verdict, proxy_config
 
 CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": [{"type": "text", "text": "Name a colour."},

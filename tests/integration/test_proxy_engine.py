@@ -28,12 +28,11 @@ from typing import Any
 import pytest
 
 import tightwad.decoding.acceptance
-from tightwad_dev.inproc import (NEAR_TIE_TOL, PROXY_SLOTS, greedy_text_verdict, proxy_config,
-                                 top_two_gap)
-from tightwad.engine.engine import Engine, Failed, Finished, GenerationRequest, TextDelta
 from tightwad.decoding.sampling import SamplingParams
 from tightwad.decoding.speculation import Acceptance
+from tightwad.engine.engine import Engine, Failed, Finished, GenerationRequest, TextDelta
 from tightwad.pool.procs import LlamaServer
+from tightwad_dev.inproc import NEAR_TIE_TOL, PROXY_SLOTS, greedy_text_verdict, proxy_config, top_two_gap
 
 N_TOKENS = 128
 

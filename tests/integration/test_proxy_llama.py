@@ -8,12 +8,11 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from tightwad.llamaserver.wire import (CompletionRequest, UpstreamDown, UpstreamError,
-                                       UpstreamTimeout)
-from tightwad.llamaserver.client import LlamaClient
 from tightwad.decoding.sampling import SamplingParams
-from tightwad.pool.procs import LlamaServer, free_port
+from tightwad.llamaserver.client import LlamaClient
 from tightwad.llamaserver.vocab import check_tokenizers, eog_ids
+from tightwad.llamaserver.wire import CompletionRequest, UpstreamDown, UpstreamError, UpstreamTimeout
+from tightwad.pool.procs import LlamaServer, free_port
 
 
 def run(server: LlamaServer, body: Callable[[LlamaClient], Awaitable[Any]],

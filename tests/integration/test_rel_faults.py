@@ -18,12 +18,11 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tightwad_dev.linkemu import LinkProfile, RelayThread
-from tightwad_dev.clients import StreamResult, post_json, stream
-from tightwad_dev.inproc import (PROXY_SLOTS, VERIFY_MAX_TOKENS, ProxyThread, greedy_text_verdict,
-                                 proxy_config)
-from tightwad_dev.models import ModelSet
 from tightwad.pool.procs import LlamaServer, ProcessGroup, RpcWorker, free_port
+from tightwad_dev.clients import StreamResult, post_json, stream
+from tightwad_dev.inproc import PROXY_SLOTS, VERIFY_MAX_TOKENS, ProxyThread, greedy_text_verdict, proxy_config
+from tightwad_dev.linkemu import LinkProfile, RelayThread
+from tightwad_dev.models import ModelSet
 from tightwad_dev.report import measured
 
 pytestmark = pytest.mark.timeout(240)

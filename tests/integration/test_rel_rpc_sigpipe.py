@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from tightwad import build as llama_build
-from tightwad_dev.models import ModelSet
 from tightwad.pool.procs import ProcessGroup, RpcWorker
+from tightwad_dev.models import ModelSet
 
 pytestmark = pytest.mark.timeout(300)
 

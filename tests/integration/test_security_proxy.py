@@ -20,10 +20,10 @@ from typing import Any, Iterator
 import pytest
 
 from tightwad.config import ConfigError, check_bind_security, parse_config
+from tightwad.pool.procs import LlamaServer, ProcessGroup
 from tightwad_dev.clients import post_json, stream
 from tightwad_dev.inproc import ProxyThread, proxy_config
 from tightwad_dev.models import ModelSet
-from tightwad.pool.procs import LlamaServer, ProcessGroup
 
 pytestmark = pytest.mark.timeout(120)
 

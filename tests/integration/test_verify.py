@@ -28,7 +28,6 @@ import json
 import threading
 from dataclasses import dataclass
 
-
 from tightwad.pool.procs import LlamaServer, ProcessGroup
 
 # Tolerance on natural-log probabilities between a batched verify and sequential decoding:

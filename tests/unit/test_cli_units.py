@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tightwad.pool import discovery, checks as doctor, inventory, rpcproto, placement as splits
-from tightwad.pool import localpool
+from tightwad.pool import checks as doctor
+from tightwad.pool import discovery, inventory, localpool, rpcproto
+from tightwad.pool import placement as splits
+from tightwad.pool.demomodels import read_gguf, vocab_fingerprint
 from tightwad.pool.gguf_info import GGUFError, read_info
 from tightwad_dev.models import ModelSet
-from tightwad.pool.demomodels import read_gguf, vocab_fingerprint
 
 MiB = splits.MiB
 GiB = splits.GiB

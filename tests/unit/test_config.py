@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tightwad.config import (Config, ConfigError, check_bind_security, load_config,
-                             parse_config)
+from tightwad.config import Config, ConfigError, check_bind_security, load_config, parse_config
 
 TOKEN = "s3cret-token-value-123"
 

@@ -17,8 +17,15 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from tightwad.pool import demomodels as m
-from tightwad.pool.demomodels import (DRAFT_SPEC, TARGET_SPEC, ModelSpec, cached_model, read_gguf,
-                                      vocab_fingerprint, write_model)
+from tightwad.pool.demomodels import (
+    DRAFT_SPEC,
+    TARGET_SPEC,
+    ModelSpec,
+    cached_model,
+    read_gguf,
+    vocab_fingerprint,
+    write_model,
+)
 from tightwad_dev.models import FOREIGN_SPEC, ensure_models
 
 SMALL = ModelSpec(

@@ -10,14 +10,13 @@ import math
 import pytest
 
 from tightwad.config import LimitsConfig
-from tightwad.decoding.transcript import Transcript
-from tightwad.llamaserver.wire import Completion, parse_completion
-from tightwad.decoding.tokens import Position, TokenLogprob
-from tightwad.server.openai_api import (ApiError, parse_chat_request,
-                                        parse_completion_request)
 from tightwad.decoding.acceptance import VerifyMismatch, decide_round, usable_draft
 from tightwad.decoding.sampling import Rng, SamplingParams
+from tightwad.decoding.tokens import Position, TokenLogprob
+from tightwad.decoding.transcript import Transcript
 from tightwad.llamaserver.slots import SlotPool
+from tightwad.llamaserver.wire import Completion, parse_completion
+from tightwad.server.openai_api import ApiError, parse_chat_request, parse_completion_request
 
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLE = SamplingParams(temperature=1.0, top_k=3, top_p=1.0, min_p=0.0)

@@ -8,8 +8,17 @@ from collections import Counter
 
 import pytest
 
-from tightwad.decoding.sampling import (Rng, SamplingParams, apply_chain, argmax, covered_mass,
-                                        from_probs, normalize, sample, top_n_suffices)
+from tightwad.decoding.sampling import (
+    Rng,
+    SamplingParams,
+    apply_chain,
+    argmax,
+    covered_mass,
+    from_probs,
+    normalize,
+    sample,
+    top_n_suffices,
+)
 
 
 def reference_chain(logits: dict[int, float], params: SamplingParams) -> dict[int, float]:

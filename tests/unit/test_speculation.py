@@ -8,9 +8,19 @@ from collections import Counter
 import pytest
 
 from tightwad.decoding.sampling import Rng
-from tightwad.decoding.speculation import (AcceptanceEstimate, AdaptiveK, CostModel, Line, choose_k,
-                                           expected_tokens, greedy_verify, predicted_speedup,
-                                           residual, round_timed, speculative_sample)
+from tightwad.decoding.speculation import (
+    AcceptanceEstimate,
+    AdaptiveK,
+    CostModel,
+    Line,
+    choose_k,
+    expected_tokens,
+    greedy_verify,
+    predicted_speedup,
+    residual,
+    round_timed,
+    speculative_sample,
+)
 
 # --- greedy ----------------------------------------------------------------------------------
 

@@ -20,8 +20,9 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tightwad.pool import discovery
+from tightwad import defaults
 from tightwad.cli.common import CliError, console, dump_json, err_console
+from tightwad.pool import discovery
 
 PROMPTS = [
     "Explain in plain words why a pile of old graphics cards can serve one large model.",
@@ -59,9 +60,9 @@ class Side:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="A/B: through the proxy vs the target alone",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8088", help="the proxy")
+    p.add_argument("--url", default=f"http://127.0.0.1:{defaults.PROXY_PORT}", help="the proxy")
     p.add_argument("--target-url", help="the coordinator (default: what the proxy reports, "
-                   "else http://127.0.0.1:8090)")
+                   f"else http://127.0.0.1:{defaults.COORDINATOR_PORT})")
     p.add_argument("--prompts", type=int, default=4, help=f"how many of the {len(PROMPTS)} "
                    "built-in prompts (default: 4)")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
     before = _proxy_stats(url, args.token)
     target_url = (args.target_url or (before.get("target") or {}).get("url")
-                  or "http://127.0.0.1:8090").rstrip("/")
+                  or f"http://127.0.0.1:{defaults.COORDINATOR_PORT}").rstrip("/")
     code, _ = discovery.http_json(f"{target_url}/health", timeout=10)
     if code != 200:
         raise CliError(f"the target {target_url} is not healthy (HTTP {code or 'no answer'}); "

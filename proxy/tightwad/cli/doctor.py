@@ -8,11 +8,19 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from tightwad.cli.common import (
+    CliError,
+    ansible_command,
+    console,
+    dump_json,
+    load_inventory,
+    resolve_inventory,
+    unit_states,
+    units_by_host,
+)
 from tightwad.pool import checks as doctor
 from tightwad.pool import inventory as inv_mod
 from tightwad.pool import localpool
-from tightwad.cli.common import (CliError, ansible_command, console, dump_json, load_inventory,
-                                 resolve_inventory, unit_states, units_by_host)
 
 STYLE = {doctor.OK: "green", doctor.WARN: "yellow", doctor.FAIL: "bold red", doctor.SKIP: "dim"}
 

@@ -11,9 +11,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.prompt import Confirm, Prompt
 from rich.table import Table
 
-from tightwad.pool import discovery, rpcproto, placement as splits
-from tightwad.pool import inventory as inv_mod
+from tightwad import defaults
 from tightwad.cli.common import DEFAULT_INVENTORY, CliError, console, err_console
+from tightwad.pool import discovery, rpcproto
+from tightwad.pool import inventory as inv_mod
+from tightwad.pool import placement as splits
 from tightwad.pool.gguf_info import GGUFError, read_info
 
 
@@ -31,8 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing inventory")
     p.add_argument("--model", type=Path, help="the target GGUF on this machine")
     p.add_argument("--draft", type=Path, help="the draft GGUF (same tokenizer as the target)")
-    p.add_argument("--rpc-ports", default="50052-50055", help="ports probed for RPC workers")
-    p.add_argument("--http-ports", default="8080,8088,8090,8091",
+    p.add_argument("--rpc-ports", default=",".join(map(str, defaults.DISCOVERY_RPC_PORTS)), help="ports probed for RPC workers")
+    p.add_argument("--http-ports", default=",".join(map(str, defaults.DISCOVERY_HTTP_PORTS)),
                    help="ports probed for llama-server and the proxy")
     p.add_argument("--ssh-port", type=int, default=22, help="0: do not look for SSH hosts")
     p.add_argument("--timeout", type=float, default=1.0, help="seconds per probe")

@@ -10,11 +10,20 @@ from typing import Any
 from rich.table import Table
 
 from tightwad import build as llama_build
-from tightwad.pool import discovery
+from tightwad import defaults
+from tightwad.cli.common import (
+    CliError,
+    ansible_command,
+    console,
+    dump_json,
+    load_inventory,
+    resolve_inventory,
+    run_playbook,
+    unit_states,
+    units_by_host,
+)
+from tightwad.pool import discovery, localpool
 from tightwad.pool import inventory as inv_mod
-from tightwad.pool import localpool
-from tightwad.cli.common import (CliError, ansible_command, console, dump_json, load_inventory,
-                                 resolve_inventory, run_playbook, unit_states, units_by_host)
 from tightwad.pool.procs import ProcessFailed, ProcessGroup
 
 # Written by the coordinator role (coordinator_split_file): workers, their free MiB, the split.
@@ -41,13 +50,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "pass-through mode)")
     p.add_argument("--bin-dir", type=Path, help="local: llama.cpp binaries (default: build or "
                    "reuse the pinned CPU build)")
-    p.add_argument("--workers", default="50052,50053", help="local: RPC worker ports, one "
-                   "worker each (default: 50052,50053)")
-    p.add_argument("--coordinator-port", type=int, default=localpool.DEFAULT_PORTS["coordinator"])
-    p.add_argument("--drafter-port", type=int, default=localpool.DEFAULT_PORTS["drafter"])
-    p.add_argument("--port", type=int, default=localpool.DEFAULT_PORTS["proxy"],
-                   help="local: the proxy's port (default: 8088)")
-    p.add_argument("--slots", type=int, default=localpool.SLOTS)
+    p.add_argument("--workers", default=",".join(map(str, defaults.LOCAL_WORKER_PORTS)), help="local: RPC worker ports, one "
+                   "worker each (default: %(default)s)")
+    p.add_argument("--coordinator-port", type=int, default=defaults.COORDINATOR_PORT)
+    p.add_argument("--drafter-port", type=int, default=defaults.DRAFTER_PORT)
+    p.add_argument("--port", type=int, default=defaults.PROXY_PORT,
+                   help="local: the proxy's port (default: %(default)s)")
+    p.add_argument("--slots", type=int, default=defaults.SLOTS)
     p.add_argument("--ctx", type=int, default=8192, help="local: context of the coordinator "
                    "and drafter, all slots together (default: 8192)")
     p.add_argument("--threads", type=int, default=1, help="local: threads per process")

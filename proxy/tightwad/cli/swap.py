@@ -15,9 +15,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tightwad.cli.common import CliError, console, load_inventory, resolve_inventory, run_playbook
 from tightwad.pool import localpool
-from tightwad.cli.common import (CliError, console, load_inventory, resolve_inventory,
-                                 run_playbook)
 from tightwad.pool.gguf_info import GGUFError, read_info
 from tightwad.pool.procs import ProcessFailed, ProcessGroup
 

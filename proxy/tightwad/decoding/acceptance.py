@@ -27,10 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Collection, Protocol, Sequence
 
-from tightwad.decoding.tokens import Position
-from tightwad.decoding.sampling import (Rng, SamplingParams, SparseDist, apply_chain, argmax,
-                                        top_n_suffices)
+from tightwad.decoding.sampling import Rng, SamplingParams, SparseDist, apply_chain, argmax, top_n_suffices
 from tightwad.decoding.speculation import greedy_verify, speculative_sample
+from tightwad.decoding.tokens import Position
 
 _CUT = -1  # stands in for the target's token at a position whose p is not exactly known
 

@@ -27,17 +27,22 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 from tightwad.config import Config
-from tightwad.decoding.detok import StopMatcher
-from tightwad.engine.events import Event, Failed, Finished, GenerationRequest, TextDelta
-from tightwad.llamaserver.wire import (CompletionRequest, UpstreamDown, UpstreamError,
-                                       UpstreamFailure, UpstreamTimeout)
-from tightwad.engine.metrics import Metrics
-from tightwad.decoding.transcript import Transcript
 from tightwad.decoding.acceptance import VerifyMismatch, decide_round, usable_draft
+from tightwad.decoding.detok import StopMatcher
 from tightwad.decoding.sampling import Rng, SamplingParams, SparseDist
 from tightwad.decoding.speculation import AcceptanceEstimate, AdaptiveK, round_timed
+from tightwad.decoding.transcript import Transcript
+from tightwad.engine.events import Event, Failed, Finished, GenerationRequest, TextDelta
+from tightwad.engine.metrics import Metrics
 from tightwad.engine.stats import GlobalStats, RequestStats
 from tightwad.engine.upstream import TargetInfo, Upstream
+from tightwad.llamaserver.wire import (
+    CompletionRequest,
+    UpstreamDown,
+    UpstreamError,
+    UpstreamFailure,
+    UpstreamTimeout,
+)
 
 __all__ = ["Engine", "Event", "Failed", "Finished", "GenerationRequest", "TextDelta", "failure"]
 

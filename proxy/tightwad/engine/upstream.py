@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, TypeVar
 
 from tightwad.config import Config
-from tightwad.llamaserver.wire import (CompletionRequest, Props, UpstreamDown, UpstreamError,
-                                       UpstreamFailure)
-from tightwad.llamaserver.client import LlamaClient
 from tightwad.engine.metrics import Metrics
+from tightwad.llamaserver.client import LlamaClient
 from tightwad.llamaserver.slots import SlotPool
 from tightwad.llamaserver.vocab import PROBE_TEXT, TokenizerCheck, check_tokenizers, eog_ids
+from tightwad.llamaserver.wire import CompletionRequest, Props, UpstreamDown, UpstreamError, UpstreamFailure
 
 log = logging.getLogger("tightwad.engine.upstream")
 T = TypeVar("T")

@@ -14,10 +14,20 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 import aiohttp
 
 from tightwad.decoding.sampling import SamplingParams
-from tightwad.llamaserver.wire import (Completion, CompletionRequest, Props, StreamChunk,
-                                       UpstreamDown, UpstreamError, UpstreamFailure,
-                                       UpstreamTimeout, error_message, parse_completion,
-                                       parse_props, parse_stream_chunk)
+from tightwad.llamaserver.wire import (
+    Completion,
+    CompletionRequest,
+    Props,
+    StreamChunk,
+    UpstreamDown,
+    UpstreamError,
+    UpstreamFailure,
+    UpstreamTimeout,
+    error_message,
+    parse_completion,
+    parse_props,
+    parse_stream_chunk,
+)
 
 
 class LlamaClient:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tightwad import build as llama_build
+from tightwad import defaults
 from tightwad.pool import discovery, rpcproto
 from tightwad.pool.gguf_info import GGUFError, GGUFInfo, read_info
 from tightwad.pool.inventory import is_loopback
@@ -68,7 +69,7 @@ class PoolView:
     proxy_token: bool = False
     model: Path | None = None
     draft: Path | None = None
-    ctx: int = 4096
+    ctx: int = defaults.CTX_SIZE
     coordinator_ram: int | None = None
     """Bytes, from a configured limit; None: measure it (possible when the coordinator is here)."""
     bin_dir: Path | None = None

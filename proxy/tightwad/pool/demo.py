@@ -19,18 +19,19 @@ from pathlib import Path
 from typing import Sequence
 
 from tightwad import build as llama_build
-from tightwad.pool.localpool import SLOTS, LaunchSpec, launch
+from tightwad import defaults
 from tightwad.pool.demomodels import ensure_demo_pair
+from tightwad.pool.localpool import LaunchSpec, launch
 from tightwad.pool.procs import LOOPBACK, ProcessFailed, ProcessGroup, tcp_open
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tightwad.pool.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=8088, help="the proxy (the endpoint)")
-    parser.add_argument("--coordinator-port", type=int, default=8090)
-    parser.add_argument("--drafter-port", type=int, default=8091)
-    parser.add_argument("--worker-ports", default="50052,50053",
+    parser.add_argument("--port", type=int, default=defaults.PROXY_PORT, help="the proxy (the endpoint)")
+    parser.add_argument("--coordinator-port", type=int, default=defaults.COORDINATOR_PORT)
+    parser.add_argument("--drafter-port", type=int, default=defaults.DRAFTER_PORT)
+    parser.add_argument("--worker-ports", default=",".join(map(str, defaults.LOCAL_WORKER_PORTS)),
                         help="comma-separated ports, one RPC worker each")
     parser.add_argument("--cache", type=Path, default=None, help="tightwad cache directory")
     return parser
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pool = launch(group, LaunchSpec(
                 model=models.target, draft=models.draft, worker_ports=worker_ports,
                 coordinator_port=args.coordinator_port, drafter_port=args.drafter_port,
-                proxy_port=args.port, slots=SLOTS))
+                proxy_port=args.port, slots=defaults.SLOTS))
             workers, coordinator, drafter, proxy = (pool.workers, pool.coordinator,
                                                     pool.drafter, pool.proxy)
             assert drafter is not None

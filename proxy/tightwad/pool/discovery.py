@@ -20,10 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from tightwad import defaults
 from tightwad.pool import rpcproto
 
-DEFAULT_RPC_PORTS = (50052, 50053, 50054, 50055)
-DEFAULT_HTTP_PORTS = (8080, 8088, 8090, 8091)
+DEFAULT_RPC_PORTS = defaults.DISCOVERY_RPC_PORTS
+DEFAULT_HTTP_PORTS = defaults.DISCOVERY_HTTP_PORTS
 SSH_PORT = 22
 MAX_HOSTS = 4096
 

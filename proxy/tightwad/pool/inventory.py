@@ -29,14 +29,15 @@ from typing import Any
 
 import yaml
 
+from tightwad import defaults
+
 GROUPS = ("rpc_workers", "coordinator", "drafters", "proxy")
-COORDINATOR_PORT = 8090
-DRAFTER_PORT = 8091
-PROXY_PORT = 8088
-RPC_PORT = 50052
-DEFAULT_CTX = 4096
-# The rpc_worker role's default: a worker host without rpc_worker_instances runs this one.
-DEFAULT_INSTANCES = [{"name": "main", "port": RPC_PORT}]
+COORDINATOR_PORT = defaults.COORDINATOR_PORT
+DRAFTER_PORT = defaults.DRAFTER_PORT
+PROXY_PORT = defaults.PROXY_PORT
+RPC_PORT = defaults.RPC_PORT
+DEFAULT_CTX = defaults.CTX_SIZE
+DEFAULT_INSTANCES = [dict(instance) for instance in defaults.RPC_INSTANCES]
 
 
 class InventoryError(ValueError):

@@ -22,13 +22,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tightwad import build as llama_build
+from tightwad import defaults
 from tightwad.pool.procs import HttpService, LlamaServer, ProcessGroup, RpcWorker
 
 STATE_VERSION = 1
-SLOTS = 4
-VERIFY_MAX_TOKENS = 32  # the largest draft the coordinator verifies in one pass
-DEFAULT_PORTS = {"proxy": 8088, "coordinator": 8090, "drafter": 8091}
-DEFAULT_WORKER_PORTS = (50052, 50053)
 
 
 class LocalPoolError(RuntimeError):
@@ -77,12 +74,12 @@ class LaunchSpec:
 
     model: Path
     draft: Path | None
-    worker_ports: Sequence[int] = DEFAULT_WORKER_PORTS
-    coordinator_port: int = DEFAULT_PORTS["coordinator"]
-    drafter_port: int = DEFAULT_PORTS["drafter"]
-    proxy_port: int = DEFAULT_PORTS["proxy"]
-    slots: int = SLOTS
-    ctx: int = 2048
+    worker_ports: Sequence[int] = defaults.LOCAL_WORKER_PORTS
+    coordinator_port: int = defaults.COORDINATOR_PORT
+    drafter_port: int = defaults.DRAFTER_PORT
+    proxy_port: int = defaults.PROXY_PORT
+    slots: int = defaults.SLOTS
+    ctx: int = defaults.LOCAL_CTX_SIZE
     proxy_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -94,7 +91,7 @@ class Launched:
     proxy: HttpService
 
 
-def coordinator_args(verify_max_tokens: int = VERIFY_MAX_TOKENS) -> list[str]:
+def coordinator_args(verify_max_tokens: int = defaults.VERIFY_MAX_TOKENS) -> list[str]:
     # -lv 4 puts the load report (model buffers per device) into the log: the live split.
     return ["--verify-max-tokens", str(verify_max_tokens), "-lv", "4"]
 

@@ -14,8 +14,8 @@ from typing import Sequence
 
 from aiohttp import web
 
-from tightwad.server.app import create_app
 from tightwad.config import ConfigError, check_bind_security, load_config
+from tightwad.server.app import create_app
 
 
 def _parser() -> argparse.ArgumentParser:

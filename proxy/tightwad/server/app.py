@@ -27,14 +27,23 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from tightwad.server.auth import bearer_auth
 from tightwad.config import Config
 from tightwad.engine.engine import Engine, Failed, Finished, GenerationRequest, TextDelta, failure
-from tightwad.server.lifecycle import SHUTTING_DOWN, Lifecycle
-from tightwad.llamaserver.wire import UpstreamFailure
 from tightwad.engine.metrics import Metrics
-from tightwad.server.openai_api import (ApiError, ParsedRequest, chunk, error_body, parse_chat_request,
-                                        parse_completion_request, response, usage, usage_chunk)
+from tightwad.llamaserver.wire import UpstreamFailure
+from tightwad.server.auth import bearer_auth
+from tightwad.server.lifecycle import SHUTTING_DOWN, Lifecycle
+from tightwad.server.openai_api import (
+    ApiError,
+    ParsedRequest,
+    chunk,
+    error_body,
+    parse_chat_request,
+    parse_completion_request,
+    response,
+    usage,
+    usage_chunk,
+)
 
 log = logging.getLogger("tightwad.server.app")
 
