@@ -42,8 +42,9 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # Run as a script, this file's directory (bench/) is on sys.path: its modules import as
 # top-level ones.

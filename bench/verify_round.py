@@ -30,9 +30,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # Run as a script, this file's directory (bench/) is on sys.path.
 from benchenv import binary_version, llama_binaries, machine_info

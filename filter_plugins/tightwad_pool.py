@@ -1,13 +1,17 @@
 """The pool's shape from the inventory, as pure Jinja filters shared by the service roles.
 
 Shared by the service roles (ansible.cfg points filter_plugins here). Nothing here touches a
-host; tests call the functions directly.
+host; tests call the functions directly. The rules themselves live in the tightwad package the
+controller's Ansible runs with (docs/deploy.md, "What you need"): the split in
+``tightwad.pool.placement``, the defaults in ``tightwad.defaults``, llama-server's output in
+``tightwad.llamaserver.wire``.
 
 - A host's pool address is ``tightwad_pool_address`` when the inventory sets it (the address on
   the network the pool uses), else ``ansible_host``, else its inventory name.
 - The RPC endpoints are every worker instance of every worker host, in inventory order: the
   order of ``--rpc`` and therefore of ``--tensor-split``.
-- The split is proportional to each device's free memory, read on the workers at deploy time
+- The split is ``tightwad.pool.placement``'s, the one ``tightwad init`` proposes: proportional to
+  each device's free memory less a compute headroom, read on the workers at deploy time
   (``llama-server --list-devices`` for GPUs; ``MemAvailable`` for the CPU device).
 """
 
@@ -21,16 +25,41 @@ except ImportError:  # pragma: no cover
     class AnsibleFilterError(Exception):  # type: ignore[no-redef]
         pass
 
-# The rpc_worker role's default (roles/rpc_worker/defaults/main.yml): hostvars do not carry
-# role defaults, so a worker host without rpc_worker_instances is read with this.
-DEFAULT_INSTANCES = ({"name": "main", "port": 50052},)
-# `llama-server --list-devices`:  "  CUDA0: NVIDIA GeForce RTX 3060 (12044 MiB, 11800 MiB free)"
-_DEVICE = re.compile(r"^\s*([A-Za-z]+\d+):.*\((\d+) MiB, (\d+) MiB free\)\s*$", re.MULTILINE)
+try:
+    from tightwad import defaults
+    from tightwad.llamaserver.wire import parse_list_devices
+    from tightwad.pool import placement
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError(
+        "the tightwad package is not importable by the Python that runs Ansible: run "
+        "ansible-playbook from the environment tightwad is installed in (scripts/bootstrap's "
+        ".venv, or pip install ansible-core next to tightwad)") from exc
+
+# Role defaults of other hosts' roles: hostvars do not carry role defaults, so a host that does
+# not set one of these is read with the role's default (tests/deploy/test_role_defaults.py holds
+# the roles' defaults/main.yml to the same tightwad.defaults values).
+ROLE_DEFAULTS = {
+    "rpc_worker_instances": [dict(instance) for instance in defaults.RPC_INSTANCES],
+    "coordinator_port": defaults.COORDINATOR_PORT,
+    "coordinator_parallel": defaults.SLOTS,
+    "coordinator_verify_max_tokens": defaults.VERIFY_MAX_TOKENS,
+    "drafter_port": defaults.DRAFTER_PORT,
+    "drafter_parallel": defaults.SLOTS,
+}
 _MEM_AVAILABLE = re.compile(r"^MemAvailable:\s+(\d+) kB$", re.MULTILINE)
 
 
 def _address(host: str, hv: dict) -> str:
     return str(hv.get("tightwad_pool_address") or hv.get("ansible_host") or host)
+
+
+def tightwad_role_var(hv: dict, name: str):
+    """A role variable of another host: its own value, else the role's default."""
+    if name not in ROLE_DEFAULTS:
+        raise AnsibleFilterError(f"tightwad_role_var: no role default for {name!r}; one of "
+                                 f"{', '.join(ROLE_DEFAULTS)}")
+    value = hv.get(name)
+    return ROLE_DEFAULTS[name] if value in (None, "", []) else value
 
 
 def tightwad_pool_addresses(hosts, hostvars) -> list:
@@ -43,14 +72,14 @@ def tightwad_pool_addresses(hosts, hostvars) -> list:
     return addresses
 
 
-def tightwad_service_url(hosts, hostvars, port_var: str, default_port: int) -> str:
+def tightwad_service_url(hosts, hostvars, port_var: str) -> str:
     """``http://address:port`` of the first of ``hosts`` (a coordinator or drafter), its port
     from the host's ``port_var`` (the role default when unset)."""
     if not hosts:
         return ""
     host = hosts[0]
     address = _address(host, hostvars[host])
-    port = int(hostvars[host].get(port_var) or default_port)
+    port = int(tightwad_role_var(hostvars[host], port_var))
     return f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
 
 
@@ -60,7 +89,7 @@ def tightwad_rpc_endpoints(hosts, hostvars) -> list:
     for host in hosts or []:
         hv = hostvars[host]
         address = _address(host, hv)
-        for inst in hv.get("rpc_worker_instances") or DEFAULT_INSTANCES:
+        for inst in tightwad_role_var(hv, "rpc_worker_instances"):
             endpoints.append({"host": host, "address": address, "port": int(inst["port"]),
                               "name": inst["name"], "device": str(inst.get("device") or ""),
                               "rpc": f"{address}:{int(inst['port'])}"})
@@ -78,7 +107,7 @@ def tightwad_device_free_mib(list_devices: str, meminfo: str, device: str = "") 
     all devices). GPUs come from ``llama-server --list-devices`` on the worker; a CPU worker (no
     such device listed) offers the host's available RAM.
     """
-    listed = {name: int(free) for name, _total, free in _DEVICE.findall(list_devices or "")}
+    listed = {d.name: d.free_mib for d in parse_list_devices(list_devices or "")}
     wanted = [d.strip() for d in device.split(",") if d.strip() and d.strip().upper() != "CPU"]
     if wanted:
         missing = [d for d in wanted if d not in listed]
@@ -103,13 +132,16 @@ def tightwad_free_mib(endpoints, list_devices: dict, meminfo: dict) -> list:
 
 
 def tightwad_tensor_split(free_mib) -> str:
-    """``--tensor-split`` proportions: each device's free MiB, in ``--rpc`` order."""
-    values = [int(v) for v in free_mib or []]
-    if not values or any(v < 0 for v in values) or sum(values) == 0:
-        raise AnsibleFilterError(f"cannot split the model over free memory {values} MiB: every "
-                                 "worker reports none free; free memory or set "
-                                 "coordinator_tensor_split")
-    return ",".join(str(v) for v in values)
+    """``--tensor-split`` for devices with ``free_mib`` free, in ``--rpc`` order: the proportions
+    ``tightwad.pool.placement.propose_split`` gives. Refused when no device has room beyond its
+    headroom (an even split over full devices would only fail at load time)."""
+    free = [int(v) * placement.MiB for v in free_mib or []]
+    if not any(placement.usable(f) for f in free):
+        raise AnsibleFilterError(
+            f"cannot split the model over free memory {[int(v) for v in free_mib or []]} MiB: no "
+            "worker has any to spare beyond its compute headroom (none free); free memory or set "
+            "coordinator_tensor_split")
+    return placement.format_split(placement.propose_split(free))
 
 
 class FilterModule:
@@ -117,5 +149,6 @@ class FilterModule:
         return {"tightwad_pool_addresses": tightwad_pool_addresses,
                 "tightwad_rpc_endpoints": tightwad_rpc_endpoints,
                 "tightwad_service_url": tightwad_service_url,
+                "tightwad_role_var": tightwad_role_var,
                 "tightwad_free_mib": tightwad_free_mib,
                 "tightwad_tensor_split": tightwad_tensor_split}

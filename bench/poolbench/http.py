@@ -6,8 +6,9 @@ from __future__ import annotations
 import http.client
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from tightwad_dev import clients
 
@@ -103,7 +104,7 @@ def post_json(url: str, path: str, body: Any, timeout: float = 300) -> Any:
 def prometheus_sums(url: str, names: Sequence[str]) -> dict[str, float]:
     """Unlabelled samples of the proxy's /metrics (Prometheus text format)."""
     text = _get(url, "/metrics", 30).decode()
-    found = {name: 0.0 for name in names}
+    found = dict.fromkeys(names, 0.0)
     for line in text.splitlines():
         name, _, value = line.partition(" ")
         if name in found:

@@ -75,7 +75,7 @@ def setup_lines(result: dict[str, Any]) -> list[str]:
         "do ratios between configurations measured minutes apart"
         + (" (see Repeatability below)." if result.get("repeats") else "."),
         f"- **llama.cpp**: {result['llama_cpp']}.",
-        f"- **Models** (`tightwad_dev.benchmodels`, random weights, DESIGN 7b): target "
+        f"- **Models** (`tightwad_dev.benchmodels`, random weights, docs/architecture.md): target "
         f"{models['target']['n_layer']} layers x {models['target']['n_embd']} wide, deeper "
         f"layers scaled by {models['target']['deep_layer_scale']}, "
         f"{models['target']['mb']} MB f16; draft = its first {models['draft']['n_layer']} "
@@ -109,7 +109,7 @@ def setup_lines(result: dict[str, Any]) -> list[str]:
         "traffic to the drafter. Predicted S and efficiency only for (c) and (d): (c2) drafts "
         "over the network, which the bound's c does not model. \"output = (a)\": the greedy "
         "text equals the single server's (for d, a difference at a near-tie of the target's "
-        "top two tokens is reported as such, DESIGN 5).",
+        "top two tokens is reported as such, docs/architecture.md).",
         "",
         "## Concurrency",
         "",

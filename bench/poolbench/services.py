@@ -8,8 +8,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from tightwad.pool.procs import HttpService, LlamaServer, ProcessGroup, free_port
 

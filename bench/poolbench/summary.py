@@ -3,8 +3,9 @@ bound they are held against, and the headline numbers the report quotes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any
 
 from tightwad_dev import benchmath as bm
 

@@ -80,7 +80,7 @@ def repeat_table(runs: list[dict[str, Any]]) -> str:
     for i, run in enumerate(runs, 1):
         h, m = run["headline"], run["machine"]
 
-        def vs(name: str) -> str:
+        def vs(name: str, h: dict = h) -> str:
             x = h.get(name)
             return f"k={x['k']}: {fmt(x['vs_b'])}x" if x else "-"
 

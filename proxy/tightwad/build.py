@@ -36,9 +36,9 @@ import tempfile
 import time
 import urllib.request
 import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 PIN_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 PIN_SHORT = PIN_COMMIT[:7]
@@ -318,7 +318,7 @@ def _unpack_archive(archive: Path, dest: Path) -> Path:
     else:
         with tarfile.open(archive) as tf:
             tf.extractall(dest, filter="data")
-    entries = [p for p in dest.iterdir()]
+    entries = list(dest.iterdir())
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else dest
 
 
@@ -374,6 +374,7 @@ def fetch_source(cache: Path, source: str = "auto", *, git_url: str = GIT_URL,
                     source = "sdist"
             if source == "git":
                 return _install_tree(staging / "tree", dest, _fetch_git(staging, git_url))
+            expected: str | None
             if source == "sdist":
                 archive = _fetch_sdist_file(staging)
                 sha, expected = sha256_file(archive), SDIST_SHA256

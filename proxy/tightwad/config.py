@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -48,7 +49,7 @@ def _check_url(value: str) -> str:
     value = value.strip().rstrip("/")
     try:
         parts = urlsplit(value)
-        parts.port  # raises on a malformed port
+        _ = parts.port  # raises on a malformed port
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
@@ -69,7 +70,8 @@ class ListenConfig(_Section):
     host: str = Field("127.0.0.1", description=(
         "Address to bind. Anything but loopback requires auth.token "
         "(or auth.allow_unauthenticated_remote)."))
-    port: int = Field(defaults.PROXY_PORT, ge=1, le=65535, description="TCP port of the OpenAI-compatible API.")
+    port: int = Field(defaults.PROXY_PORT, ge=1, le=65535,
+                      description="TCP port of the OpenAI-compatible API.")
     shutdown_grace_s: float = Field(5.0, ge=0, le=3600, description=(
         "On SIGTERM (a restart), new connections are refused at once and requests in flight "
         "get this long to finish; then each ends cleanly: 503 with Retry-After, or an error "
@@ -90,7 +92,8 @@ class AuthConfig(_Section):
 class TargetConfig(_Section):
     """The coordinator: the pooled llama-server holding the big model."""
 
-    url: str = Field(f"http://127.0.0.1:{defaults.COORDINATOR_PORT}", description="Base URL of the coordinator.")
+    url: str = Field(f"http://127.0.0.1:{defaults.COORDINATOR_PORT}",
+                     description="Base URL of the coordinator.")
     api_key: SecretStr | None = Field(None, description=(
         "Key the coordinator expects (its --api-key), if any. Never logged."))
     timeout_s: float = Field(300.0, gt=0, description=(

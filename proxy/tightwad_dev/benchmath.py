@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
 
 from tightwad.decoding.speculation import expected_tokens, predicted_speedup
 

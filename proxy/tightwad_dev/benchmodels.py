@@ -1,12 +1,12 @@
 """A benchmark model pair: a target and a cheap self-speculative draft that agree realistically.
 
-DESIGN 7b: random weights give a draft that is either as expensive as the target (a quantized
-copy) or almost never right (an independent small model). What behaves like a real pair is a
-target whose first layers carry the signal and whose deeper layers only perturb it
-(``deep_layer_scale``), with the draft = the target's first layers plus the same embeddings and
-output matrix. A small byte-level BPE vocabulary (256 byte tokens + a few hundred merges + chat
-special tokens, written here) keeps the output matrix from dominating the cost, so the draft's
-cost ratio c really is about ``keep_layers / n_layer``.
+Random weights give a draft that is either as expensive as the target (a quantized copy) or
+almost never right (an independent small model) (docs/architecture.md, a draft that behaves like
+a real one). What behaves like a real pair is a target whose first layers carry the signal and
+whose deeper layers only perturb it (``deep_layer_scale``), with the draft = the target's first
+layers plus the same embeddings and output matrix. A small byte-level BPE vocabulary (256 byte
+tokens + a few hundred merges + chat special tokens, written here) keeps the output matrix from
+dominating the cost, so the draft's cost ratio c really is about ``keep_layers / n_layer``.
 
 The tokenizer is a real GPT-2-style BPE that llama.cpp loads (``tokenizer.ggml.model = gpt2``,
 ``pre = gpt-2``): ``/tokenize``, ``/detokenize`` and ``/apply-template`` (ChatML) work, and any
@@ -15,8 +15,8 @@ the small English corpus below.
 
 Files are cached by a hash of everything that determines their bytes and written atomically::
 
-    pair = ensure_bench_models(Path("~/.cache/tightwad/models").expanduser())
-    pair.target, pair.draft
+pair = ensure_bench_models(Path("~/.cache/tightwad/models").expanduser()) pair.target,
+pair.draft
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from gguf import GGUFValueType
@@ -50,7 +50,7 @@ __all__ = [
 # Bump when the bytes written for an unchanged spec change.
 BENCH_FORMAT_VERSION = 1
 
-N_MERGES = 170  # 256 bytes + 170 merges + 3 special tokens = 429 tokens (DESIGN 7b: ~430)
+N_MERGES = 170  # 256 bytes + 170 merges + 3 special tokens = 429 tokens (docs/architecture.md: ~430)
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -177,7 +177,7 @@ BENCH_TARGET_SPEC = ModelSpec(
     n_head_kv=8,
     n_ff=1024,
     seed=11,
-    # Peaked output distributions: greedy near-ties (batch-vs-single float noise, DESIGN 5)
+    # Peaked output distributions: greedy near-ties (batch-vs-single float noise, docs/architecture.md)
     # stay rare.
     output_scale=16.0,
     deep_layer_scale=0.07,

@@ -1,6 +1,7 @@
 """Blocking HTTP clients for reliability, load and fuzz tests of the proxy: a streaming client
-that records every event with its time and never hangs past its deadline, a JSON poster, the
-RSS of a process, and percentiles. Standard library only."""
+that records every event with its time and never hangs past its deadline, a JSON poster (the
+shipped blocking client, :mod:`tightwad.llamaserver.blocking`, with the answer's headers), the
+RSS of a process, and percentiles."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import http.client
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
+
+from tightwad.llamaserver import blocking
 
 
 @dataclass
@@ -116,20 +120,10 @@ def stream(url: str, path: str, body: dict[str, Any], *, headers: dict[str, str]
 
 def post_json(url: str, path: str, body: Any, *, headers: dict[str, str] | None = None,
               timeout: float = 60.0) -> tuple[int, dict[str, str], Any]:
-    """POST JSON; (status, lower-cased headers, decoded body or raw bytes)."""
-    conn = _conn(url, timeout)
-    try:
-        conn.request("POST", path, json.dumps(body).encode(),
-                     {"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            payload: Any = json.loads(raw)
-        except ValueError:
-            payload = raw
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload
-    finally:
-        conn.close()
+    """POST JSON; (status, lower-cased headers, decoded body or its text). No answer raises
+    :class:`~tightwad.llamaserver.wire.UpstreamDown` or ``UpstreamTimeout``."""
+    answer = blocking.request("POST", url + path, body, timeout=timeout, headers=headers)
+    return answer.status, dict(answer.headers), answer.body
 
 
 def rss_bytes(pid: int) -> int:

@@ -11,7 +11,7 @@ nothing else: there is no default route, so nothing leaves the test network.
         hosts["coord"].run("systemctl is-system-running")
         hosts.write_inventory(tmp / "inventory.yml", groups={"rpc_workers": ["w1", "w2"]})
 
-The pieces (recipe: DESIGN 6; reference: docs/test-hosts.md):
+The pieces (recipe: docs/architecture.md; reference: docs/test-hosts.md):
 
 - :func:`ensure_rootfs` debootstraps Debian bookworm (minbase plus :data:`PACKAGES`) once into
   ``<cache>/hosts/bookworm-<key>/``, keyed by the suite and package list, built in a temporary
@@ -55,9 +55,10 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "PACKAGES",
@@ -617,7 +618,7 @@ class HostGroup:
 
     # -- the context manager
 
-    def __enter__(self) -> "HostGroup":
+    def __enter__(self) -> HostGroup:
         self.start()
         return self
 
@@ -635,7 +636,7 @@ class HostGroup:
 
     # -- start
 
-    def start(self) -> "HostGroup":
+    def start(self) -> HostGroup:
         if reason := skip_reason():
             raise HostsError(reason)
         self.rootfs = ensure_rootfs(self.cache, self.packages)
@@ -792,7 +793,7 @@ class HostGroup:
                 unknown = set(members) - set(self.hosts)
                 if unknown:
                     raise ValueError(f"group {group}: unknown hosts {sorted(unknown)}")
-            inv["all"]["children"] = {g: {"hosts": {m: None for m in members}}
+            inv["all"]["children"] = {g: {"hosts": dict.fromkeys(members)}
                                       for g, members in groups.items()}
         return inv
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 from tightwad import defaults
 from tightwad.pool.procs import LlamaServer, free_port
@@ -53,7 +54,7 @@ class ProxyThread:
         self.loop.run_until_complete(self._runner.cleanup())
         self.loop.close()
 
-    def start(self) -> "ProxyThread":
+    def start(self) -> ProxyThread:
         self._thread.start()
         self._ready.wait(120)
         if self._error is not None:

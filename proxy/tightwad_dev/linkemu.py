@@ -1,6 +1,6 @@
 """A link emulator: an asyncio TCP relay that adds delay, jitter and a bandwidth cap.
 
-``tc netem`` is missing on the kernels Tightwad is developed on (DESIGN 7), so slow links
+``tc netem`` is missing on the kernels Tightwad is developed on (docs/architecture.md), so slow links
 between a coordinator and its RPC workers are emulated in userspace: point the coordinator at
 the relay's port instead of the worker's, and every byte crosses an emulated link.
 
@@ -64,8 +64,9 @@ import selectors
 import signal
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Deque, Literal, Sequence
+from typing import Literal
 
 __all__ = [
     "LinkProfile",
@@ -230,7 +231,7 @@ class _Pipe:
         self.src, self.dst = src, dst
         self.max_buffer = max_buffer
         self.loop = asyncio.get_running_loop()
-        self.queue: Deque[tuple[float, bytes | None]] = collections.deque()  # None = EOF
+        self.queue: collections.deque[tuple[float, bytes | None]] = collections.deque()  # None = EOF
         self.queued = 0
         self.last_release = 0.0
         self.timer: asyncio.TimerHandle | None = None

@@ -27,7 +27,7 @@ def test_vocab_is_a_complete_deterministic_byte_bpe() -> None:
     assert 400 <= len(tokens) <= 500 and len(set(tokens)) == len(tokens)
     assert len(types) == len(tokens)
     # Every byte has its own token, so any UTF-8 text tokenizes.
-    assert len({t for t in tokens[:256]}) == 256 and all(len(t) == 1 for t in tokens[:256])
+    assert len(set(tokens[:256])) == 256 and all(len(t) == 1 for t in tokens[:256])
     known = set(tokens)
     for merge in merges:  # each merge joins two tokens into a third
         left, right = merge.split(" ")

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from support import REPO, tightwad_cli
+from tightwad.pool import placement
+
 pytest.importorskip("ansible", reason="ansible-core is not installed")
 
 from tightwad_dev.hosts import HostGroup, skip_reason
@@ -35,7 +38,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Host management is deprecated:DeprecationWarning"),
 ]
 
-from support import REPO
 
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
 GROUPS = {"rpc_workers": ["w1", "w2"], "coordinator": ["coord"], "drafters": ["coord"],
@@ -62,7 +64,8 @@ def _wait_active(host, unit: str, old_pid: str, timeout: float = 60) -> str:
         if pid not in ("0", old_pid) and active == "active":
             return pid
         time.sleep(0.5)
-    pytest.fail(f"{unit} on {host.name} did not come back: {host.run(f'systemctl status {unit}', check=False).stdout[-1500:]}")
+    status = host.run(f"systemctl status {unit}", check=False).stdout[-1500:]
+    pytest.fail(f"{unit} on {host.name} did not come back: {status}")
 
 
 def _wait_http(url: str, timeout: float = 90, headers: dict | None = None) -> None:
@@ -80,10 +83,9 @@ def _wait_http(url: str, timeout: float = 90, headers: dict | None = None) -> No
         time.sleep(1)
 
 
-def tightwad(*args: str, env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """The `tightwad` CLI (same code as the console script)."""
-    return subprocess.run([sys.executable, "-m", "tightwad.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def tightwad(*args: str, env: dict[str, str] | None = None,
+             timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    return tightwad_cli(*args, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +157,12 @@ def test_tensor_split_comes_from_the_workers_memory(deployed):
     for name, free in zip(GROUPS["rpc_workers"], kept["free_mib"]):
         available = int(group[name].run("awk '/MemAvailable/ {print $2}' /proc/meminfo").stdout)
         assert free > 0 and abs(free - available // 1024) < max(1024, available // 1024 // 4)
-    assert kept["tensor_split"] == ",".join(str(v) for v in kept["free_mib"])
+    # The one split rule (tightwad.pool.placement, also tightwad init's): shares of the free
+    # memory less a compute headroom, which for RAM this size keeps them proportional to it.
+    assert kept["tensor_split"] == placement.format_split(
+        placement.propose_split([v * placement.MiB for v in kept["free_mib"]]))
+    shares = [float(x) for x in kept["tensor_split"].split(",")]
+    assert shares == pytest.approx([v / sum(kept["free_mib"]) for v in kept["free_mib"]], abs=0.002)
     cmdline = group["coord"].run("systemctl show -p ExecStart --value tightwad-coordinator").stdout
     assert f"--tensor-split {kept['tensor_split']}" in cmdline
     assert f"--rpc {','.join(kept['rpc'])}" in cmdline

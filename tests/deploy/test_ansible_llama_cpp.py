@@ -134,6 +134,22 @@ def test_impossible_choices_say_what_to_set(probe, backend, needle):
         filters.tightwad_backend(probe, backend)
 
 
+@pytest.mark.parametrize("probe,portable", [
+    ({"uname": "Linux x86_64", "nvidia_smi": "8.6\n7.5\n"}, True),
+    ({"uname": "Linux x86_64", "rocminfo": ROCMINFO_7900XTX}, True),
+    ({"uname": "Darwin arm64"}, True),
+    ({"uname": "Linux x86_64"}, False),
+], ids=["cuda", "rocm", "metal", "cpu-native"])
+def test_build_key_is_the_one_tightwad_build_gives_the_build_args(probe, portable):
+    """The role's key (controller-side filter) names the build `tightwad.build build
+    <build_args>` makes: a mismatch would rebuild or reinstall on every run."""
+    patches = REPO / "patches" / "llama.cpp"
+    got = filters.tightwad_backend(probe, portable=portable)
+    expected = build.build_key(got["backend"], patches_dir=patches,
+                               flags=cmake_flags_for(got["build_args"])).name
+    assert filters.tightwad_build_key(got, str(patches)) == expected
+
+
 def _hostvars(kind: str, build_host: str = "localhost", needs: bool = True) -> dict:
     return {"llama_cpp_detected": {"kind": kind, "backend": kind.split("-")[2],
                                    "build_args": ["--backend", kind.split("-")[2], "--portable"]},
@@ -267,7 +283,7 @@ def test_argument_spec(tmp_path, provided, ok):
 
 
 def _recap_changed(stdout: str) -> int:
-    line = next(l for l in stdout.splitlines() if l.startswith("localhost") and "changed=" in l)
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("localhost") and "changed=" in ln)
     return int(line.split("changed=")[1].split()[0])
 
 

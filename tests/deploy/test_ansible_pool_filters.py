@@ -1,5 +1,6 @@
 """The pool filters the service roles share (filter_plugins/tightwad_pool.py): --rpc order,
-service URLs, free memory per worker device and the tensor split. Pure functions, fed with
+service URLs, other hosts' role defaults, free memory per worker device and the tensor split
+(tightwad.pool.placement's, the same rule ``tightwad init`` proposes). Pure functions, fed with
 the output of the commands the coordinator role runs on the workers."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import importlib.util
 import pytest
 
 from support import REPO
+from tightwad import defaults
+from tightwad.pool import placement
 
 _spec = importlib.util.spec_from_file_location("tightwad_pool_filters",
                                                REPO / "filter_plugins" / "tightwad_pool.py")
@@ -36,6 +39,10 @@ def test_endpoints_follow_inventory_order_with_defaults():
                                              "192.168.7.13:50052"]
     assert [e["device"] for e in endpoints] == ["CUDA0", "CUDA1", ""]
     assert endpoints[2]["name"] == "main"  # rpc_worker's default instance
+    # An empty list counts as unset, as before.
+    hostvars = {"a": {"ansible_host": "10.0.0.1", "rpc_worker_instances": []}}
+    assert [e["rpc"] for e in pool.tightwad_rpc_endpoints(["a"], hostvars)] == \
+        [f"10.0.0.1:{defaults.RPC_PORT}"]
 
 
 def test_two_workers_on_one_port_are_refused():
@@ -46,11 +53,23 @@ def test_two_workers_on_one_port_are_refused():
 
 
 def test_service_urls():
-    assert pool.tightwad_service_url(["xeon"], HOSTVARS, "coordinator_port", 8090) == \
+    assert pool.tightwad_service_url(["xeon"], HOSTVARS, "coordinator_port") == \
         "http://192.168.7.13:8090"
-    assert pool.tightwad_service_url(["v6"], HOSTVARS, "coordinator_port", 8090) == \
+    assert pool.tightwad_service_url(["xeon"], HOSTVARS, "drafter_port") == \
+        "http://192.168.7.13:8091"
+    assert pool.tightwad_service_url(["v6"], HOSTVARS, "coordinator_port") == \
         "http://[fd00::5]:9000"
-    assert pool.tightwad_service_url([], HOSTVARS, "drafter_port", 8091) == ""
+    assert pool.tightwad_service_url([], HOSTVARS, "drafter_port") == ""
+
+
+def test_other_hosts_role_variables_fall_back_to_the_role_defaults():
+    coord = {"coordinator_parallel": 3}
+    assert pool.tightwad_role_var(coord, "coordinator_parallel") == 3
+    assert pool.tightwad_role_var({}, "coordinator_parallel") == defaults.SLOTS
+    assert pool.tightwad_role_var({}, "drafter_parallel") == defaults.SLOTS
+    assert pool.tightwad_role_var({}, "coordinator_verify_max_tokens") == defaults.VERIFY_MAX_TOKENS
+    with pytest.raises(pool.AnsibleFilterError, match="no role default"):
+        pool.tightwad_role_var({}, "coordinator_ctx_size")
 
 
 def test_free_memory_of_gpu_and_cpu_devices():
@@ -71,6 +90,16 @@ def test_split_is_proportional_to_free_memory_in_rpc_order():
     free = pool.tightwad_free_mib(endpoints, {"rig": LIST_DEVICES, "xeon": "(none)"},
                                   {"rig": MEMINFO, "xeon": MEMINFO})
     assert free == [11800, 7600, 20000]
-    assert pool.tightwad_tensor_split(free) == "11800,7600,20000"
+    split = pool.tightwad_tensor_split(free)
+    # Devices this big keep a 10 % headroom each: the shares stay proportional to free memory.
+    shares = [float(x) for x in split.split(",")]
+    assert shares == pytest.approx([f / sum(free) for f in free], abs=0.002)
+    assert sum(shares) == pytest.approx(1.0)
+    # ONE rule: exactly what tightwad init proposes for the same devices.
+    assert split == placement.format_split(placement.propose_split([f * placement.MiB for f in free]))
+    # A device with less than its headroom free gets nothing.
+    assert pool.tightwad_tensor_split([8192, 100]) == "1,0"
     with pytest.raises(pool.AnsibleFilterError, match="none free"):
         pool.tightwad_tensor_split([0, 0])
+    with pytest.raises(pool.AnsibleFilterError, match="none free"):
+        pool.tightwad_tensor_split([100, 200])  # below the headroom everywhere

@@ -56,16 +56,16 @@ RENDER = """\
 """
 
 # The checks alone (include_role would run the llama_cpp dependency first).
-PREFLIGHT = """\
+PREFLIGHT = f"""\
 - name: Preflight
   hosts: worker
   gather_facts: false
   vars_files:
-    - {role}/defaults/main.yml
+    - {ROLE}/defaults/main.yml
   tasks:
     - name: Run the role's checks
-      ansible.builtin.import_tasks: {role}/tasks/preflight.yml
-""".format(role=ROLE)
+      ansible.builtin.import_tasks: {ROLE}/tasks/preflight.yml
+"""
 
 
 def run_playbook(tmp_path: Path, text: str, *extra: str) -> subprocess.CompletedProcess:

@@ -174,7 +174,8 @@ def test_second_build_is_a_cache_hit_that_changes_nothing(
     key = b.build_key("cpu")
     assert recorded["commit"] == b.PIN_COMMIT and recorded["backend"] == "cpu"
     assert recorded["patch_set"] == key.patch_set
-    assert [p["name"] for p in recorded["patches"]] == [p.name for p in b.list_patches(b.default_patches_dir())]
+    patches = b.list_patches(b.default_patches_dir())
+    assert [p["name"] for p in recorded["patches"]] == [p.name for p in patches]
     for name in b.TARGETS:
         assert recorded["binaries"][name]["sha256"] == b.sha256_file(llama.binary(name))
 

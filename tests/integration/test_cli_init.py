@@ -6,7 +6,6 @@ worker (no SIGPIPE patch) in the middle of a generation."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import struct
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from support import tightwad_cli
 from tightwad import build as llama_build
 from tightwad.pool import rpcproto
 from tightwad.pool.procs import ProcessGroup, RpcWorker
@@ -28,9 +28,8 @@ from tightwad_dev.models import ModelSet
 pytestmark = pytest.mark.timeout(240)
 
 
-def tightwad(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tightwad.cli", *argv], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "COLUMNS": "250"})
+def tightwad(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return tightwad_cli(*argv, timeout=timeout, cwd=None, columns=250)
 
 
 def closed_port() -> int:

@@ -14,16 +14,15 @@ import stat
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
-from test_cli_units import FakeWorker
 
-from support import REPO
+from support import REPO, FakeWorker, tightwad_cli
+from tightwad.llamaserver import blocking
 from tightwad.pool.procs import free_port
 from tightwad_dev.models import ModelSet
 
@@ -31,10 +30,8 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def tightwad(*argv: str, env: dict[str, str] | None = None, timeout: float = 180,
-             cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tightwad.cli", *argv], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return tightwad_cli(*argv, env=env, timeout=timeout, cwd=cwd)
 
 
 def tool(name: str) -> str:
@@ -93,18 +90,8 @@ def local_pool(bin_dir: Path, models: ModelSet,
 
 
 def post(url: str, body: dict[str, Any], timeout: float = 60) -> tuple[int, Any]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
-
-
-def get(url: str, timeout: float = 10) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
+    answer = blocking.request("POST", url, body, timeout=timeout)
+    return answer.status, answer.body
 
 
 # --- start / status --------------------------------------------------------------------------
@@ -383,7 +370,7 @@ def test_swap_keeps_workers_and_serves_the_new_model(local_pool: LocalPool,
     assert after["worker0"] == before["worker0"] and after["worker1"] == before["worker1"]
     assert after["coordinator"] != before["coordinator"]
     assert after["proxy"] == before["proxy"]
-    models_list = get(f"{local_pool.proxy}/v1/models")
+    models_list = blocking.get_json(f"{local_pool.proxy}/v1/models", timeout=10)
     assert models_list["data"][0]["id"] == models.draft.stem
     code, answer = post(f"{local_pool.proxy}/v1/completions",
                         {"prompt": "After the swap", "max_tokens": 8, "temperature": 0})

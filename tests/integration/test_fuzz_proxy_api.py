@@ -22,8 +22,8 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -141,10 +141,9 @@ message = st.fixed_dictionaries(
                       {"type": st.sampled_from(["text", "image_url", 3]),
                        "text": texts | values}), max_size=3) | values,
                   "name": texts | values})
-sampling = {key: values for key in ("temperature", "top_p", "top_k", "min_p", "seed", "n",
-                                    "best_of", "logprobs", "top_logprobs", "echo", "suffix",
-                                    "logit_bias", "tools", "response_format", "model",
-                                    "ignore_eos")}
+sampling = dict.fromkeys(("temperature", "top_p", "top_k", "min_p", "seed", "n", "best_of", "logprobs",
+                         "top_logprobs", "echo", "suffix", "logit_bias", "tools", "response_format",
+                         "model", "ignore_eos"), values)
 common = {"max_tokens": values | st.integers(min_value=-(2 ** 70), max_value=2 ** 70),
           "max_completion_tokens": values,
           "stop": texts | st.lists(texts, max_size=20) | values,

@@ -18,10 +18,12 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 
+from support import REPO
 from tightwad_dev.linkemu import (
     PROFILES,
     LinkProfile,
@@ -35,7 +37,6 @@ from tightwad_dev.linkemu import (
 )
 
 LOOPBACK = "127.0.0.1"
-from support import REPO
 
 
 def run(main: Callable[[], Awaitable[Any]]) -> Any:
@@ -437,7 +438,7 @@ def test_relay_thread(sync_echo: int) -> None:
         assert len(relays.ports) == 2 and all(relays.ports)
         assert relays.endpoints == [f"{LOOPBACK}:{p}" for p in relays.ports]
         for i, port in enumerate(relays.ports):
-            for n in range(i + 1):
+            for _n in range(i + 1):
                 payload = os.urandom(50_000)
                 reply, rtt = sync_exchange(port, payload)
                 assert reply == payload

@@ -10,12 +10,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import openai
 import pytest
 
+from support import target_alone as target_alone_answer
+from support import tokenize
 from tightwad.pool.procs import LlamaServer
 from tightwad_dev.inproc import PROXY_SLOTS, VERIFY_MAX_TOKENS, ProxyThread, greedy_text_verdict, proxy_config
 
@@ -72,11 +75,6 @@ def assert_openai_error(status: int, body: Any, expected: int) -> None:
     assert body["error"]["message"]
 
 
-def tokenize(server: LlamaServer, text: str) -> list[int]:
-    return server.post("/tokenize", {"content": text, "add_special": True,
-                                     "parse_special": True})["tokens"]
-
-
 @dataclass
 class Reference:
     """The target's own greedy output for a prompt (plain /completion, no speculation)."""
@@ -96,9 +94,7 @@ class Reference:
 
 def target_alone(server: LlamaServer, prompt: str | list[int], n: int) -> Reference:
     ids = tokenize(server, prompt) if isinstance(prompt, str) else list(prompt)
-    return Reference(server, ids, server.post("/completion", {
-        "prompt": ids, "n_predict": n, "temperature": 0, "cache_prompt": False,
-        "return_tokens": True}))
+    return Reference(server, ids, target_alone_answer(server, ids, n))
 
 
 def client(proxy: ProxyThread, key: str = "unused") -> openai.OpenAI:
@@ -174,8 +170,8 @@ def test_multibyte_output_is_intact(spec_pool, spec_proxy, text: str) -> None:
                                 {"prompt": text, "temperature": 0, "max_tokens": 64})
     assert status == 200
     ref.matches(body["choices"][0]["text"])
-    streamed = [e for e in sse_events(spec_proxy, "/v1/completions",
-                                      {"prompt": text, "temperature": 0, "max_tokens": 64})]
+    streamed = list(sse_events(spec_proxy, "/v1/completions",
+                                      {"prompt": text, "temperature": 0, "max_tokens": 64}))
     assert streamed[-1] == "[DONE]"
     pieces = [e["choices"][0]["text"] for e in streamed[:-1]]
     ref.matches("".join(pieces))
@@ -312,14 +308,14 @@ def test_drafter_killed_mid_stream_is_invisible_and_drafting_resumes(spec_pool, 
     prompt = "Once upon a time, in a land far away,"
     ref = target_alone(spec_pool.coordinator, prompt, 128)
 
-    text, events = [], 0
-    for event in sse_events(proxy, "/v1/completions",
-                            {"prompt": prompt, "temperature": 0, "max_tokens": 128}):
+    text = []
+    for events, event in enumerate(sse_events(proxy, "/v1/completions",
+                                              {"prompt": prompt, "temperature": 0,
+                                               "max_tokens": 128}), 1):
         if event == "[DONE]":
             break
         assert "error" not in event, event
         text.append(event["choices"][0]["text"])
-        events += 1
         if events == 3:
             drafter.kill()
     ref.matches("".join(text))
@@ -332,7 +328,7 @@ def test_drafter_killed_mid_stream_is_invisible_and_drafting_resumes(spec_pool, 
 
     procs.llama_server(models.draft, name="revived-drafter", slots=PROXY_SLOTS,
                        port=drafter.port)
-    proxy.engine.up.gate.retry_at = 0.0  # skip the rest of the backoff
+    proxy.engine.servers.drafter_gate.retry_at = 0.0  # skip the rest of the backoff
     drafted = status["stats"]["drafted"]
     out = client(proxy).completions.create(model="m", prompt=prompt, temperature=0,
                                            max_tokens=128)
@@ -373,7 +369,7 @@ def test_target_killed_gives_an_error_event_then_503s(spec_pool, procs, models,
 
 
 def test_client_disconnect_cancels_the_upstream_work(spec_pool, spec_proxy) -> None:
-    slots = spec_proxy.engine.up.target_slots
+    slots = spec_proxy.engine.servers.target_slots
     long_request = {"prompt": "Once upon a time", "temperature": 0, "max_tokens": 2000,
                     "ignore_eos": True}
 

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 import tightwad.decoding.acceptance
+from support import target_alone, tokenize
 from tightwad.decoding.sampling import SamplingParams
 from tightwad.decoding.speculation import Acceptance
 from tightwad.engine.engine import Engine, Failed, Finished, GenerationRequest, TextDelta
@@ -92,18 +93,6 @@ async def started(config: Any) -> Engine:
     return engine
 
 
-def tokenize(server: LlamaServer, text: str) -> list[int]:
-    return server.post("/tokenize", {"content": text, "add_special": True,
-                                     "parse_special": True})["tokens"]
-
-
-def target_alone(server: LlamaServer, prompt: list[int], n: int, **sampling: Any) -> dict:
-    """What the target generates by itself: one plain (non-speculative) request."""
-    return server.post("/completion", {
-        "prompt": prompt, "n_predict": n, "temperature": 0, "cache_prompt": False,
-        "return_tokens": True, **sampling}, timeout=300)
-
-
 def compare_greedy(server: LlamaServer, prompt: list[int], ours: Run, ref: dict) -> str:
     """'same', or 'near-tie' (a flip the numerics allow); fails on anything else."""
     theirs = ref["tokens"]
@@ -134,7 +123,7 @@ def test_greedy_remote_output_is_the_targets_own(spec_pool, record_property) -> 
     async def scenario() -> tuple[list[Run], dict, float]:
         engine = await started(proxy_config(coordinator, spec_pool.drafter))
         try:
-            assert engine.up.speculation_active, engine.status()
+            assert engine.speculation_active, engine.status()
             t0 = time.monotonic()
             runs = await asyncio.gather(*(
                 collect(engine, GenerationRequest(prompt=tuple(p), max_tokens=N_TOKENS))
@@ -324,7 +313,7 @@ def test_concurrent_mixed_requests_equal_each_request_alone(spec_pool) -> None:
 
             async def watch() -> None:
                 nonlocal peak_busy, peak_waiting
-                slots = engine.up.target_slots
+                slots = engine.servers.target_slots
                 assert slots is not None
                 while True:
                     peak_busy = max(peak_busy, slots.in_use)
@@ -435,7 +424,7 @@ def test_stalled_drafter_costs_speed_not_answers_and_drafting_resumes(spec_pool,
     async def scenario() -> tuple[Run, dict, Run, dict]:
         engine = await started(config)
         try:
-            assert engine.up.speculation_active
+            assert engine.speculation_active
             os.kill(drafter.pid, signal.SIGSTOP)  # hung, not dead: every draft call times out
             try:
                 stalled = await collect(engine, GenerationRequest(prompt=tuple(prompt),
@@ -443,7 +432,7 @@ def test_stalled_drafter_costs_speed_not_answers_and_drafting_resumes(spec_pool,
                 during = engine.status()
             finally:
                 os.kill(drafter.pid, signal.SIGCONT)
-            engine.up.gate.retry_at = 0.0  # do not wait out the backoff in a test
+            engine.servers.drafter_gate.retry_at = 0.0  # do not wait out the backoff in a test
             again = await collect(engine, GenerationRequest(prompt=tuple(prompt), max_tokens=48))
             return stalled, during, again, engine.status()
         finally:

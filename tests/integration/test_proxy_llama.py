@@ -1,17 +1,24 @@
-"""The llama-server client (tightwad.llamaserver.client) and the tokenizer facts built on it
+"""The llama-server clients (tightwad.llamaserver.client, .blocking), the parsers the pool tools
+use (tightwad.llamaserver.wire) and the tokenizer facts built on them
 (tightwad.llamaserver.vocab), against real servers; failures come from real sockets."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tightwad import build as llama_build
 from tightwad.decoding.sampling import SamplingParams
+from tightwad.llamaserver import blocking, wire
 from tightwad.llamaserver.client import LlamaClient
 from tightwad.llamaserver.vocab import check_tokenizers, eog_ids
 from tightwad.llamaserver.wire import CompletionRequest, UpstreamDown, UpstreamError, UpstreamTimeout
+from tightwad.pool import discovery
 from tightwad.pool.procs import LlamaServer, free_port
 
 
@@ -152,3 +159,28 @@ def test_sampling_request_carries_the_chain(spec_pool) -> None:
     again = run(spec_pool.drafter, lambda c: c.complete(CompletionRequest(
         prompt=[128000, 9906], n_predict=8, sampling=params, seed=11, n_probs=5)))
     assert res.tokens == again.tokens and len(res.tokens) == 8  # the seed reaches the server
+
+
+def test_pool_tools_read_a_live_server(spec_pool, models, bin_dir: Path) -> None:
+    """What discovery, doctor and swap read from a llama-server, through the blocking client,
+    agrees with the async client's view and with the pin."""
+    coordinator = spec_pool.coordinator
+    found = discovery.identify_http(coordinator.host, coordinator.port)
+    assert found is not None and (found.kind, found.healthy, found.slots) == (
+        "llama-server", True, 4)
+    assert found.model == str(models.target) and found.n_ctx and found.n_ctx > 0
+    assert wire.parse_build_info(found.build) == llama_build.PIN_SHORT
+    props = wire.parse_props(blocking.get_json(f"{coordinator.url}/props"),
+                             blocking.get_json(f"{coordinator.url}/v1/models"))
+    assert props == run(coordinator, lambda c: c.props())
+    slots = wire.parse_slots(blocking.get_json(f"{coordinator.url}/slots"))
+    assert [s.id for s in slots] == [0, 1, 2, 3] and not any(s.processing for s in slots)
+    for binary, proto in (("llama-server", None), ("ggml-rpc-server", "v")):
+        done = subprocess.run([str(bin_dir / binary), "--version"], capture_output=True,
+                              text=True, timeout=30)
+        version = wire.parse_version(done.stdout + done.stderr)
+        assert version.commit == llama_build.PIN_SHORT, (binary, done.stderr)
+        assert (version.rpc_protocol or "")[:1] == (proto or ""), version
+    with pytest.raises(UpstreamError) as err:
+        blocking.get_json(f"{coordinator.url}/no-such-endpoint")
+    assert err.value.status == 404 and err.value.message == "File Not Found"

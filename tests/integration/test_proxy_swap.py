@@ -18,12 +18,12 @@ def test_proxy_notices_a_swapped_model(procs, models):
         client = OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", timeout=60, max_retries=0)
         assert client.completions.create(model="m", prompt="Hello", max_tokens=4,
                                           temperature=0).usage.completion_tokens > 0
-        assert proxy.engine.up.info.props.model.endswith(models.target.name)
+        assert proxy.status()["target"]["model"].endswith(models.target.name)
         # The swap: same address, another model, and no request in between to fail.
         first.stop()
         procs.llama_server(models.draft, name="after", port=port)
         reply = client.completions.create(model="m", prompt="Hello", max_tokens=4, temperature=0)
         assert reply.usage.completion_tokens > 0
-        assert proxy.engine.up.info.props.model.endswith(models.draft.name)
+        assert proxy.status()["target"]["model"].endswith(models.draft.name)
     finally:
         proxy.stop()

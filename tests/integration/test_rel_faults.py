@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -189,7 +190,7 @@ def test_drafter_killed_and_restarted_mid_stream(healthy: LocalPool, procs: Proc
         marks["drafted_at_revival"] = proxy.status()["stats"]["drafted"]
         # The drafter gate retries with backoff (0.5 s doubling to 15 s, DrafterGate); skip
         # what is left of it, so that drafting resumes within this stream.
-        proxy.engine.up.gate.retry_at = 0.0
+        proxy.engine.servers.drafter_gate.retry_at = 0.0
 
     result = stream(proxy.url, "/v1/completions", {**LONG, "max_tokens": 200},
                     timeout=HANG_S, on_event=_after(3, kill_and_restart))
@@ -242,7 +243,7 @@ def test_slow_then_stalled_drafter_link(healthy: LocalPool, make_proxy) -> None:
         metrics = proxy_metrics(proxy)
         timeouts = metrics.get('tightwad_drafter_fallbacks_total{reason="timeout"}', 0)
         assert timeouts >= 1, metrics
-        gate = proxy.engine.up.gate
+        gate = proxy.engine.servers.drafter_gate
         deadline = time.monotonic() + 30
         while not gate.open() and time.monotonic() < deadline:  # the backoff after the stall
             time.sleep(0.1)
@@ -324,11 +325,11 @@ def test_coordinator_killed_no_request_hangs(healthy: LocalPool, make_proxy) -> 
     threads = [threading.Thread(target=run, args=(f"s{i}", i % 2 == 0)) for i in range(6)]
     for t in threads:
         t.start()
-    slots = proxy.engine.up.target_slots
+    slots = proxy.engine.servers.target_slots
     deadline = time.monotonic() + 30
     while (slots is None or slots.in_use < PROXY_SLOTS) and time.monotonic() < deadline:
         time.sleep(0.05)
-        slots = proxy.engine.up.target_slots
+        slots = proxy.engine.servers.target_slots
     time.sleep(0.5)
     killed = time.monotonic()
     pool.coordinator.kill()
@@ -336,7 +337,7 @@ def test_coordinator_killed_no_request_hangs(healthy: LocalPool, make_proxy) -> 
         t.join(HANG_S + 10)
     assert not any(t.is_alive() for t in threads), "a request hung"
     ended_s = time.monotonic() - killed
-    for name, res in results.items():
+    for _name, res in results.items():
         if isinstance(res, StreamResult) and res.status == 200:
             _ended_with_error(res, "upstream_unavailable")
         elif isinstance(res, StreamResult):  # failed before its first token: a plain 503
@@ -344,7 +345,7 @@ def test_coordinator_killed_no_request_hangs(healthy: LocalPool, make_proxy) -> 
         else:
             _assert_503(*res)
     _assert_503(*post_json(proxy.url, "/v1/completions", {"prompt": "x", "max_tokens": 4}))
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - refused or reset: any failure to answer
         pool.coordinator.get("/health", timeout=2)
 
     pool.start_coordinator(wait=False)  # the workers survived; it gets its layers on them

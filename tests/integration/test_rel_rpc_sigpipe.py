@@ -1,4 +1,4 @@
-"""A client that gives up on a busy RPC worker must not kill it (DESIGN section 4).
+"""A client that gives up on a busy RPC worker must not kill it (docs/architecture.md, the pin and its RPC).
 
 A ``ggml-rpc-server`` serves one client at a time; a second client queues in its listen backlog.
 If that client gives up (here ``timeout 3 llama-server --rpc W --list-devices``), its dead
@@ -55,7 +55,8 @@ def _wait_exit(worker: RpcWorker, seconds: float) -> int | None:
 
 def _hold_then_release(group: ProcessGroup, worker: RpcWorker, models: ModelSet,
                        client_bin: Path, log: Path) -> int | None:
-    """The DESIGN section 4 recipe; returns the worker's exit code, or None if it lives."""
+    """The recipe of docs/architecture.md (the pin and its RPC); returns the worker's exit code,
+    or None if it lives."""
     coordinator = group.llama_server(models.draft, name="coordinator", rpc=[worker])
     _give_up_while_queued(client_bin, worker, log)
     assert worker.alive()

@@ -14,10 +14,10 @@ it to what the speculation loop relies on:
 
 Numerics: a batched forward pass uses other kernels and accumulation orders than one-token
 decoding, so the two differ by float noise: a few 1e-3 near the top of the distribution (~2e-3
-in DESIGN section 5), up to 1.4e-2 far down this suite's peaked target, where larger logits carry
-larger rounding error. ``close`` allows ``TOL + RTOL * |logprob|``; a logic error (wrong
-position, stale KV, another slot's logits) is off by units. Where the argmax of a verified
-position differs from the sequential token, the test accepts it only as a near-tie (the
+in docs/architecture.md, verify numerics), up to 1.4e-2 far down this suite's peaked target,
+where larger logits carry larger rounding error. ``close`` allows ``TOL + RTOL * |logprob|``;
+a logic error (wrong position, stale KV, another slot's logits) is off by units. Where the
+argmax of a verified position differs from the sequential token, the test accepts it only as a near-tie (the
 sequential token's verified log-probability within ``TOL`` of the top one) and counts it;
 anything else is a bug.
 """
@@ -28,6 +28,7 @@ import json
 import threading
 from dataclasses import dataclass
 
+from support import tokenize
 from tightwad.pool.procs import LlamaServer, ProcessGroup
 
 # Tolerance on natural-log probabilities between a batched verify and sequential decoding:
@@ -86,10 +87,6 @@ def start_pool(procs: ProcessGroup, models, *, slots: int = 2, args: tuple[str, 
                               args=("--verify-max-tokens", str(VERIFY_MAX), *args))
 
 
-def tokenize(server: LlamaServer, text: str) -> list[int]:
-    return server.post("/tokenize", {"content": text, "add_special": True})["tokens"]
-
-
 def completion(server: LlamaServer, prompt: list[int], *, slot: int, n_predict: int, **extra) -> dict:
     return server.post("/completion", {
         "prompt": prompt, "n_predict": n_predict, "temperature": 0, "n_probs": N_PROBS,
@@ -131,7 +128,8 @@ def same_top(got: list[dict], want: list[dict], tally: Tally) -> None:
         if tok in top_got:
             diff = abs(top_got[tok] - logprob)
             tally.max_diff = max(tally.max_diff, diff)
-            assert close(top_got[tok], logprob), f"top logprob of {tok}: verify {top_got[tok]} vs sequential {logprob}"
+            assert close(top_got[tok], logprob), \
+                f"top logprob of {tok}: verify {top_got[tok]} vs sequential {logprob}"
         else:
             assert logprob <= floor or close(floor, logprob), \
                 f"token {tok} ({logprob}) missing from the verified top-{N_PROBS}"
@@ -270,11 +268,13 @@ def test_concurrent_verifies_on_different_slots(procs, models) -> None:
         k = (4, 8, 12)[round_]
         results: list[dict | BaseException | None] = [None] * len(refs)
 
-        def run(i: int) -> None:
+        def run(i: int, k: int = k, round_: int = round_,
+                results: list[dict | BaseException | None] = results) -> None:
             try:
                 # The other slot's reference makes every slot's cache differ from its prompt.
-                results[i] = verify(server, refs[i].prompt, refs[i].tokens[:k], slot=(i + round_) % 4)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                results[i] = verify(server, refs[i].prompt, refs[i].tokens[:k],
+                                    slot=(i + round_) % 4)
+            except BaseException as exc:  # re-raised below
                 results[i] = exc
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(refs))]

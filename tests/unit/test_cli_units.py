@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support import FakeWorker
 from tightwad.pool import checks as doctor
 from tightwad.pool import discovery, inventory, localpool, rpcproto
 from tightwad.pool import placement as splits
@@ -161,57 +162,6 @@ def test_gguf_info_rejects_non_gguf(tmp_path: Path) -> None:
 # --- the RPC probe ---------------------------------------------------------------------------
 
 
-class FakeWorker:
-    """Answers HELLO (with ``version``) and the device queries like ggml-rpc-server."""
-
-    def __init__(self, version: tuple[int, int, int] = (7, 0, 0),
-                 devices: tuple[tuple[int, int], ...] = ((3 * GiB, 4 * GiB),)) -> None:
-        self.version, self.devices = version, devices
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1)
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _recv(self, conn: socket.socket, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = conn.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError
-            data += chunk
-        return data
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    while True:
-                        cmd = self._recv(conn, 1)[0]
-                        size = struct.unpack("<Q", self._recv(conn, 8))[0]
-                        payload = self._recv(conn, size)
-                        if cmd == rpcproto.CMD_HELLO:
-                            out = bytes([*self.version, 0]) + bytes(rpcproto.CONN_CAPS_SIZE)
-                        elif cmd == rpcproto.CMD_DEVICE_COUNT:
-                            out = struct.pack("<I", len(self.devices))
-                        elif cmd == rpcproto.CMD_GET_DEVICE_MEMORY:
-                            out = struct.pack("<QQ", *self.devices[struct.unpack("<I",
-                                                                                 payload)[0]])
-                        else:
-                            break
-                        conn.sendall(struct.pack("<Q", len(out)) + out)
-                except (ConnectionError, OSError):
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_hello_reads_version_and_devices() -> None:
     fake = FakeWorker(version=(7, 0, 0), devices=((3 * GiB, 4 * GiB), (1 * GiB, 2 * GiB)))
     try:
@@ -293,16 +243,22 @@ def test_ports_and_cidrs() -> None:
         discovery.expand(["my-laptop"])
 
 
-def test_split_from_the_coordinators_load_report() -> None:
+def test_live_split_from_the_coordinators_load_report(tmp_path: Path) -> None:
     log = """0.01 I load_tensors: loading model tensors, this can take a while... (load_mode = mmap)
 0.01 I load_tensors:   CPU_Mapped model buffer size =    31.31 MiB
 0.01 I load_tensors: RPC0[127.0.0.1:50052] model buffer size =     2.82 MiB
 0.01 I load_tensors: RPC0[127.0.0.1:50053] model buffer size =    33.00 MiB
 """
-    assert localpool.split_from_log("old junk\n" + log) == [
+    path = tmp_path / "coordinator.log"
+    coordinator = localpool.Service("coordinator", "coordinator", "127.0.0.1", 8090, pid=1,
+                                    started=None, log=str(path))
+    path.write_text("old junk\n" + log)
+    assert localpool.live_split(coordinator) == [
         ("CPU_Mapped", 31.31), ("127.0.0.1:50052", 2.82), ("127.0.0.1:50053", 33.0)]
-    assert localpool.split_from_log(log + log.replace("2.82", "5.00")) [1] == (
-        "127.0.0.1:50052", 5.0)
+    path.write_text(log + log.replace("2.82", "5.00"))
+    assert localpool.live_split(coordinator)[1] == ("127.0.0.1:50052", 5.0)
+    path.unlink()
+    assert localpool.live_split(coordinator) == []
 
 
 def test_errors_are_one_line_with_exit_code(tmp_path: Path) -> None:

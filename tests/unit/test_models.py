@@ -294,7 +294,7 @@ def test_missing_vocab_file_is_named(tmp_path: Path) -> None:
 
 
 def test_standard_specs_fit_together() -> None:
-    assert DRAFT_SPEC == TARGET_SPEC.truncated(2, name=DRAFT_SPEC.name)
+    assert TARGET_SPEC.truncated(2, name=DRAFT_SPEC.name) == DRAFT_SPEC
     assert DRAFT_SPEC.name != TARGET_SPEC.name
     assert TARGET_SPEC.n_core_layers == DRAFT_SPEC.n_written_layers
     assert 0 < TARGET_SPEC.deep_layer_scale < 1

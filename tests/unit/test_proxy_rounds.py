@@ -1,6 +1,7 @@
 """The pure parts of the proxy's request path: a round's accept step on llama-server answers
-(tightwad.decoding.acceptance), the output bookkeeping of the engine, OpenAI request parsing (tightwad.server.openai_api)
-and the slot pool. No processes; the llama-server answers are built as the server shapes them."""
+(tightwad.decoding.acceptance), the output bookkeeping (tightwad.decoding.transcript), OpenAI
+request parsing (tightwad.server.openai_api) and the slot pool. No processes; the llama-server
+answers are built as the server shapes them."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ at once and its generator is closed (so its slots and upstream calls are release
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from tightwad.engine.events import Event, Failed
 from tightwad.server.lifecycle import SHUTTING_DOWN, Lifecycle

@@ -8,12 +8,9 @@ from the proxy's own statistics (``/tightwad/status``, the difference over the r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +19,8 @@ from rich.table import Table
 
 from tightwad import defaults
 from tightwad.cli.common import CliError, console, dump_json, err_console
-from tightwad.pool import discovery
+from tightwad.llamaserver import blocking
+from tightwad.llamaserver.wire import UpstreamError, UpstreamFailure
 
 PROMPTS = [
     "Explain in plain words why a pile of old graphics cards can serve one large model.",
@@ -76,35 +74,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _stream(url: str, body: dict[str, Any], token: str | None, timeout: float) -> Run:
     """One streamed completion: (completion tokens from usage, wall time, TTFT)."""
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
-                                 headers=headers, method="POST")
     started = time.monotonic()
     ttft = None
     usage = None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            for raw in resp:
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise CliError(f"{url}: {chunk['error'].get('message', chunk['error'])}")
-                if ttft is None and any(c.get("text") for c in chunk.get("choices") or []):
-                    ttft = time.monotonic() - started
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-    except urllib.error.HTTPError as exc:
-        detail = exc.read(500).decode("utf-8", "replace")
-        raise CliError(f"{url} answered HTTP {exc.code}: {detail}") from None
-    except OSError as exc:
-        raise CliError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+        for chunk in blocking.events(f"{url}/v1/completions", body, timeout=timeout,
+                                     token=token):
+            if "error" in chunk:
+                raise CliError(f"{url}: {chunk['error'].get('message', chunk['error'])}")
+            if ttft is None and any(c.get("text") for c in chunk.get("choices") or []):
+                ttft = time.monotonic() - started
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    except UpstreamError as exc:
+        raise CliError(f"{url} answered HTTP {exc.status}: {exc.message}") from None
+    except UpstreamFailure as exc:
+        raise CliError(f"{url}: {exc.detail}") from None
     seconds = time.monotonic() - started
     if not usage or "completion_tokens" not in usage:
         raise CliError(f"{url} sent no usage with its stream; cannot count tokens")
@@ -112,7 +97,8 @@ def _stream(url: str, body: dict[str, Any], token: str | None, timeout: float) -
 
 
 def _proxy_stats(url: str, token: str | None) -> dict[str, Any]:
-    code, body = discovery.http_json(f"{url}/tightwad/status", timeout=10, token=token)
+    answer = blocking.probe(f"{url}/tightwad/status", timeout=10, token=token)
+    code, body = answer.status, answer.body
     if code != 200 or not isinstance(body, dict):
         raise CliError(f"{url} is not a Tightwad proxy (/tightwad/status answered {code}); "
                        "pass the proxy as --url")
@@ -124,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     before = _proxy_stats(url, args.token)
     target_url = (args.target_url or (before.get("target") or {}).get("url")
                   or f"http://127.0.0.1:{defaults.COORDINATOR_PORT}").rstrip("/")
-    code, _ = discovery.http_json(f"{target_url}/health", timeout=10)
+    code = blocking.probe(f"{target_url}/health", timeout=10).status
     if code != 200:
         raise CliError(f"the target {target_url} is not healthy (HTTP {code or 'no answer'}); "
                        "pass --target-url")

@@ -8,8 +8,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 
@@ -59,25 +60,25 @@ def load_inventory(path: Path, *, strict: bool = True) -> tuple[inv_mod.Inventor
 
 
 def project_dir() -> Path:
-    """Where site.yml and playbooks/ live: $TIGHTWAD_PROJECT_DIR, this checkout, or cwd."""
-    if env := os.environ.get("TIGHTWAD_PROJECT_DIR"):
-        return Path(env)
-    checkout = Path(__file__).resolve().parents[3]
-    if (checkout / "site.yml").is_file():
-        return checkout
-    return Path.cwd()
+    """Where site.yml, ansible.cfg and playbooks/ live: $TIGHTWAD_PROJECT_DIR, else the working
+    directory (the checkout, where the default inventory/tightwad.yml lives too)."""
+    return Path(os.environ.get("TIGHTWAD_PROJECT_DIR") or Path.cwd())
 
 
 def find_tool(name: str) -> str:
-    """An Ansible executable: on PATH, or next to this Python (a virtual environment)."""
-    found = shutil.which(name)
-    if found:
-        return found
+    """An Ansible executable: next to this Python first, else on PATH.
+
+    The roles' plugins import tightwad, so Ansible must run in the Python tightwad is installed
+    in: the one next to this interpreter (a virtual environment) is that one.
+    """
     sibling = Path(sys.executable).parent / name
     if sibling.is_file():
         return str(sibling)
-    raise CliError(f"{name} not found; install Ansible (pip install ansible-core) on the "
-                   "controller", 2)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise CliError(f"{name} not found; install Ansible next to tightwad (pip install "
+                   "ansible-core) on the controller", 2)
 
 
 def run_playbook(playbook: str, inventory: Path, extra: Sequence[str] = ()) -> int:

@@ -1,4 +1,6 @@
-"""``tightwad doctor``: check the pool, print a table (or JSON), exit 1 on any failure."""
+"""``tightwad doctor``, the command: build the pool view (from an inventory or the local pool's
+state), run the checks, print a table (or JSON), exit 1 on any failure. The checks themselves
+(observing and judging, no printing) are :mod:`tightwad.pool.checks`."""
 
 from __future__ import annotations
 
@@ -18,11 +20,10 @@ from tightwad.cli.common import (
     unit_states,
     units_by_host,
 )
-from tightwad.pool import checks as doctor
+from tightwad.pool import checks, localpool
 from tightwad.pool import inventory as inv_mod
-from tightwad.pool import localpool
 
-STYLE = {doctor.OK: "green", doctor.WARN: "yellow", doctor.FAIL: "bold red", doctor.SKIP: "dim"}
+STYLE = {checks.OK: "green", checks.WARN: "yellow", checks.FAIL: "bold red", checks.SKIP: "dim"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,16 +49,16 @@ def _local_bin_dir() -> Path | None:
     return found.bin_dir if found else None
 
 
-def view_from_inventory(path: Path, bin_dir: Path | None) -> doctor.PoolView:
+def view_from_inventory(path: Path, bin_dir: Path | None) -> checks.PoolView:
     inventory, errors = load_inventory(path, strict=False)
-    view = doctor.PoolView(source=str(path), schema_errors=errors,
+    view = checks.PoolView(source=str(path), schema_errors=errors,
                            fix_start=f"tightwad start -i {path}",
                            fix_deploy=f"ansible-playbook site.yml -i {path}")
-    view.workers = [doctor.Endpoint(f"{h.name}/{i.name}", h.address, i.port)
+    view.workers = [checks.Endpoint(f"{h.name}/{i.name}", h.address, i.port)
                     for h, i in inventory.worker_endpoints()]
     coord = inventory.coordinator
     if coord is not None:
-        view.coordinator = doctor.Endpoint(coord.name, coord.address,
+        view.coordinator = checks.Endpoint(coord.name, coord.address,
                                            coord.port("coordinator_port",
                                                       inv_mod.COORDINATOR_PORT))
         view.coordinator_address = coord.pool_address
@@ -66,12 +67,12 @@ def view_from_inventory(path: Path, bin_dir: Path | None) -> doctor.PoolView:
             view.coordinator_ram = int(coord.vars["coordinator_ram_mb"]) * 1024 * 1024
     drafters = inventory.group("drafters")
     if drafters:
-        view.drafter = doctor.Endpoint(drafters[0].name, drafters[0].address,
+        view.drafter = checks.Endpoint(drafters[0].name, drafters[0].address,
                                        drafters[0].port("drafter_port", inv_mod.DRAFTER_PORT))
     proxies = inventory.group("proxy")
     if proxies:
         host = proxies[0]
-        view.proxy = doctor.Endpoint(host.name, host.address,
+        view.proxy = checks.Endpoint(host.name, host.address,
                                      host.port("proxy_port", inv_mod.PROXY_PORT))
         token = host.vars.get("proxy_token") or inventory.proxy_token
         view.proxy_token = bool(token)
@@ -86,20 +87,20 @@ def view_from_inventory(path: Path, bin_dir: Path | None) -> doctor.PoolView:
     return view
 
 
-def view_from_local(state_dir: Path | None) -> doctor.PoolView:
+def view_from_local(state_dir: Path | None) -> checks.PoolView:
     directory = localpool.state_dir(state_dir)
     state = localpool.load_state(directory)
     if state is None:
         raise CliError("no local pool is running (no state file); start one with "
                        "`tightwad start --local`, or pass -i INVENTORY", 1)
-    view = doctor.PoolView(source=f"local pool ({directory})", fix_start="tightwad start --local",
+    view = checks.PoolView(source=f"local pool ({directory})", fix_start="tightwad start --local",
                            fix_deploy="python -m tightwad.build build, then tightwad stop "
                            "--local && tightwad start --local")
-    view.workers = [doctor.Endpoint(s.name, s.host, s.port) for s in state.by_kind("rpc")]
+    view.workers = [checks.Endpoint(s.name, s.host, s.port) for s in state.by_kind("rpc")]
     for role in ("coordinator", "drafter", "proxy"):
         svc = state.one(role)
         if svc is not None:
-            setattr(view, role, doctor.Endpoint(svc.name, svc.host, svc.port))
+            setattr(view, role, checks.Endpoint(svc.name, svc.host, svc.port))
     view.coordinator_address = "127.0.0.1"
     view.proxy_bind = "127.0.0.1"
     view.model = Path(state.model)
@@ -117,7 +118,7 @@ def _ssh_facts(path: Path):
     inventory, _ = load_inventory(path, strict=False)
     workers = ":".join(h.name for h in inventory.group("rpc_workers"))
 
-    def add(facts: doctor.Facts) -> None:
+    def add(facts: checks.Facts) -> None:
         versions = ansible_command(path, workers, "{{ llama_cpp_install_dir | default("
                                    "'/opt/tightwad/llama.cpp') }}/bin/ggml-rpc-server --version")
         facts.remote_versions = {h: (r.get("stdout") or r.get("msg") or "no answer")
@@ -133,29 +134,29 @@ def run(args: argparse.Namespace) -> int:
         view_from_inventory(path, args.bin_dir)
     if args.bin_dir is not None:
         view.bin_dir = args.bin_dir
-    if (limit := doctor.ram_limit_from_env()) is not None:
+    if (limit := checks.ram_limit_from_env()) is not None:
         view.coordinator_ram = limit
     extra = _ssh_facts(path) if args.ssh and path is not None else None
     if args.json:
-        checks = doctor.run_checks(view, extra=extra)
+        results = checks.run_checks(view, extra=extra)
     else:
         with console.status("checking the pool ..."):
-            checks = doctor.run_checks(view, extra=extra)
-    failed = [c for c in checks if c.status == doctor.FAIL]
+            results = checks.run_checks(view, extra=extra)
+    failed = [c for c in results if c.status == checks.FAIL]
     if args.json:
         dump_json({"source": view.source, "ok": not failed,
-                   "checks": [c.as_dict() for c in checks]})
+                   "checks": [c.as_dict() for c in results]})
         return 1 if failed else 0
     table = Table(title=f"tightwad doctor: {escape(view.source)}", show_lines=False, expand=False)
     table.add_column("check", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("details")
-    for c in checks:
+    for c in results:
         details = escape(c.message) + (f"\n[cyan]fix:[/cyan] {escape(c.fix)}" if c.fix and
-                                       c.status in (doctor.FAIL, doctor.WARN) else "")
+                                       c.status in (checks.FAIL, checks.WARN) else "")
         table.add_row(c.name, f"[{STYLE[c.status]}]{c.status.upper()}[/]", details)
     console.print(table)
-    warns = sum(c.status == doctor.WARN for c in checks)
+    warns = sum(c.status == checks.WARN for c in results)
     if failed:
         console.print(f"[bold red]{len(failed)} check(s) failed[/], {warns} warning(s)")
         return 1

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.prompt import Confirm, Prompt
@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing inventory")
     p.add_argument("--model", type=Path, help="the target GGUF on this machine")
     p.add_argument("--draft", type=Path, help="the draft GGUF (same tokenizer as the target)")
-    p.add_argument("--rpc-ports", default=",".join(map(str, defaults.DISCOVERY_RPC_PORTS)), help="ports probed for RPC workers")
+    p.add_argument("--rpc-ports", default=",".join(map(str, defaults.DISCOVERY_RPC_PORTS)),
+                   help="ports probed for RPC workers")
     p.add_argument("--http-ports", default=",".join(map(str, defaults.DISCOVERY_HTTP_PORTS)),
                    help="ports probed for llama-server and the proxy")
     p.add_argument("--ssh-port", type=int, default=22, help="0: do not look for SSH hosts")

@@ -22,6 +22,8 @@ from tightwad.cli.common import (
     unit_states,
     units_by_host,
 )
+from tightwad.llamaserver import blocking
+from tightwad.llamaserver.wire import UpstreamFailure
 from tightwad.pool import discovery, localpool
 from tightwad.pool import inventory as inv_mod
 from tightwad.pool.procs import ProcessFailed, ProcessGroup
@@ -50,8 +52,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "pass-through mode)")
     p.add_argument("--bin-dir", type=Path, help="local: llama.cpp binaries (default: build or "
                    "reuse the pinned CPU build)")
-    p.add_argument("--workers", default=",".join(map(str, defaults.LOCAL_WORKER_PORTS)), help="local: RPC worker ports, one "
-                   "worker each (default: %(default)s)")
+    p.add_argument("--workers", default=",".join(map(str, defaults.LOCAL_WORKER_PORTS)),
+                   help="local: RPC worker ports, one worker each (default: %(default)s)")
     p.add_argument("--coordinator-port", type=int, default=defaults.COORDINATOR_PORT)
     p.add_argument("--drafter-port", type=int, default=defaults.DRAFTER_PORT)
     p.add_argument("--port", type=int, default=defaults.PROXY_PORT,
@@ -203,18 +205,14 @@ def local_status(directory: Path) -> dict[str, Any]:
             # No connection to a worker: it serves one client at a time.
             health = "listening" if running and svc.port in listening else "down"
         else:
-            health = "healthy" if running and localpool.http_ok(f"{svc.url}/health") else "down"
+            health = "healthy" if running and blocking.ok(f"{svc.url}/health") else "down"
         services.append({"name": svc.name, "kind": svc.kind, "pid": svc.pid,
                          "state": "running" if running else "dead", "health": health,
                          "endpoint": f"{svc.host}:{svc.port}"})
     coordinator = state.one("coordinator")
     split = []
     if coordinator is not None:
-        try:
-            text = Path(coordinator.log).read_text(errors="replace")
-        except OSError:
-            text = ""
-        buffers = localpool.split_from_log(text)
+        buffers = localpool.live_split(coordinator)
         total = sum(mib for _, mib in buffers) or 1.0
         split = [{"device": d, "weights_mib": mib, "share": round(mib / total, 3)}
                  for d, mib in buffers]
@@ -222,10 +220,10 @@ def local_status(directory: Path) -> dict[str, Any]:
     proxy = state.one("proxy")
     if proxy is not None and localpool.alive(proxy):
         try:
-            body = localpool.get_json(f"{proxy.url}/tightwad/status")
+            body = blocking.get_json(f"{proxy.url}/tightwad/status")
             stats = {"mode": body.get("mode"), "speculation_active":
                      body.get("speculation_active"), **(body.get("stats") or {})}
-        except (OSError, ValueError):
+        except UpstreamFailure:
             stats = None
     return {"pool": "local", "state_dir": str(directory), "model": state.model,
             "draft": state.draft, "services": services, "split": split, "speculation": stats,
@@ -253,12 +251,12 @@ def inventory_status(path: Path) -> dict[str, Any]:
         if role == "proxy" and inv_mod.is_loopback(bind) and not inv_mod.is_loopback(
                 hosts[0].address):
             continue  # bound to its host's loopback: its unit state above is what we can see
-        health[role] = {"url": url, "healthy": localpool.http_ok(f"{url}/health")}
+        health[role] = {"url": url, "healthy": blocking.ok(f"{url}/health")}
     stats = None
     if "proxy" in health:
         token = inventory.proxy_token
-        code, body = discovery.http_json(f"{health['proxy']['url']}/tightwad/status",
-                                         token=token)
+        answer = blocking.probe(f"{health['proxy']['url']}/tightwad/status", token=token)
+        code, body = answer.status, answer.body
         if code == 200 and isinstance(body, dict):
             stats = {"mode": body.get("mode"), "speculation_active":
                      body.get("speculation_active"), **(body.get("stats") or {})}
@@ -317,9 +315,9 @@ def _print_status(data: dict[str, Any]) -> None:
                       + ", ".join(f"{s['device']} {s['weights_mib']:.1f} MiB "
                                   f"({s['share'] * 100:.0f}%)" for s in split))
     elif isinstance(split, dict) and "tensor_split" in split:
-        console.print("tensor split (free MiB per worker at deploy time): " + ", ".join(
-            f"{rpc} {share}" for rpc, share in zip(split.get("rpc", []),
-                                                   str(split["tensor_split"]).split(","))))
+        console.print("tensor split (share per worker, from its free memory at deploy time): "
+                      + ", ".join(f"{rpc} {share}" for rpc, share in zip(
+                          split.get("rpc", []), str(split["tensor_split"]).split(","))))
     elif split is not None:
         console.print(f"tensor split: {split}")
     spec = data.get("speculation")

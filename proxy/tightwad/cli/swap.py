@@ -9,10 +9,6 @@ clean 503 (coordinator unavailable, ``Retry-After``). With an inventory: ``playb
 from __future__ import annotations
 
 import argparse
-import json
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from tightwad.cli.common import CliError, console, load_inventory, resolve_inventory, run_playbook
@@ -67,11 +63,11 @@ def run(args: argparse.Namespace) -> int:
     new_model = Path(args.model).resolve()
 
     with console.status("waiting for in-flight requests ..."):
-        _drain(coordinator.url, args.drain)
+        localpool.wait_idle(coordinator.url, args.drain)
     localpool.signal_and_wait(coordinator)
     proxy = state.one("proxy")
     if proxy is not None:
-        _forget_target(proxy.url)
+        localpool.nudge_proxy(proxy.url)
     try:
         with console.status(f"loading {new_model.name} on {len(workers)} workers ..."):
             server = group.llama_server(new_model, name="coordinator", rpc=workers,
@@ -104,31 +100,3 @@ def run(args: argparse.Namespace) -> int:
                   + ", ".join(f"{w.name} pid {w.pid}" for w in state.by_kind("rpc")))
     return 0
 
-
-def _drain(url: str, timeout: float) -> None:
-    """Wait until no slot of the coordinator is processing (at most ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            slots = localpool.get_json(f"{url}/slots", timeout=3)
-        except (OSError, ValueError):
-            return
-        if not any(s.get("is_processing") for s in slots if isinstance(s, dict)):
-            return
-        time.sleep(0.2)
-
-
-def _forget_target(proxy_url: str) -> None:
-    """Make the proxy re-read the coordinator (model, vocabulary, verify limit).
-
-    The proxy re-reads the target after a request finds it unreachable, or on its own within
-    target.recheck_s; a one-token request while the coordinator is down makes it happen now
-    (it gets a 503, which is the point)."""
-    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
-    req = urllib.request.Request(f"{proxy_url}/v1/completions", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10):
-            pass
-    except (urllib.error.HTTPError, OSError):
-        pass

@@ -24,8 +24,9 @@ as the server's own ``ignore_eos`` bias removes them from its distribution.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Collection, Protocol, Sequence
+from typing import Protocol
 
 from tightwad.decoding.sampling import Rng, SamplingParams, SparseDist, apply_chain, argmax, top_n_suffices
 from tightwad.decoding.speculation import greedy_verify, speculative_sample

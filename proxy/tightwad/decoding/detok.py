@@ -15,8 +15,8 @@ character alone also matches the start of a decomposed accented character.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 
 class IncrementalDecoder:

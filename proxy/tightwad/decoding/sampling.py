@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 TopLogprobs = Sequence[tuple[int, float]]
 """Top-N ``(token id, log-probability)`` pairs for one position, in any order."""
@@ -163,7 +163,8 @@ def _cut_bounds(entries: list[tuple[int, float]], params: SamplingParams,
         threshold = entries[0][1] + math.log(params.min_p)
         kept = sum(1 for _, lp in entries if lp >= threshold)
         if kept < n or complete:
-            m_lo = m_hi = max(kept, 1)
+            m_lo: float = max(kept, 1)
+            m_hi: float = m_lo
         else:
             m_lo, m_hi = n, _UNBOUNDED
         lo, hi = min(lo, m_lo), min(hi, m_hi)

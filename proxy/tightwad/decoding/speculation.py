@@ -44,8 +44,8 @@ tokens, and with a draft/target cost ratio c the speedup over the target alone i
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
 
 from tightwad.decoding.sampling import Rng, normalize
 

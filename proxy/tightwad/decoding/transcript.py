@@ -8,8 +8,8 @@ The text of tokens whose bytes arrive one round late (see
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from tightwad.decoding.acceptance import VerifyMismatch
 from tightwad.decoding.detok import TextStream

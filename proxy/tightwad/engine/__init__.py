@@ -1,2 +1,3 @@
-"""A request's life in the proxy: slot lease, mode dispatch, the speculation rounds,
-pass-through, failure mapping and the telemetry they feed. No HTTP here."""
+"""A request's life in the proxy: the request loop (engine), the speculation rounds (rounds),
+the two llama-servers as the engine sees them (servers) and the statistics (telemetry). No HTTP
+here."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from tightwad.decoding.sampling import SamplingParams
-from tightwad.engine.stats import RequestStats
+from tightwad.engine.telemetry import RequestStats
 
 
 @dataclass(frozen=True)
@@ -51,4 +51,4 @@ class Failed:
     retry_after: float | None = None
 
 
-Event = Union[TextDelta, Finished, Failed]
+Event = Union[TextDelta, Finished, Failed]  # noqa: UP007 - a runtime alias; X | Y needs 3.10 objects

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -158,7 +159,7 @@ class LlamaClient:
             ignore_eos=ignore_eos), timeout_s)
 
     async def stream(self, request: CompletionRequest,
-                     chunk_timeout_s: float | None = None) -> AsyncIterator[StreamChunk]:
+                     chunk_timeout_s: float | None = None) -> AsyncGenerator[StreamChunk, None]:
         """A streamed ``/completion``; the deadline applies to each gap between chunks.
 
         Closing the generator early (``aclose``, cancellation) closes the connection, which

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

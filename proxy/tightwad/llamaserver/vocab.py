@@ -11,8 +11,8 @@ difference disables speculation; the report names it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from tightwad.llamaserver.client import LlamaClient
 from tightwad.llamaserver.wire import Props

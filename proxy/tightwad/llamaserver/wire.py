@@ -1,6 +1,7 @@
 """llama-server's JSON, both ways: request bodies, answers parsed into dataclasses, and the
 failure types every call maps to. Pure (no I/O): the async and blocking clients use it, and so
-does every other part of tightwad that reads a llama-server answer.
+does every other part of tightwad that reads a llama-server answer. The text llama.cpp prints
+(``--version``, the ``-lv 4`` load report in a coordinator's log) is parsed here too.
 
 Sampling requests pin the whole chain (``samplers`` plus neutral penalties, DRY, XTC, typical-p,
 top-n-sigma and mirostat), so an operator's server flags cannot make the server sample from
@@ -10,8 +11,10 @@ another distribution than the one :mod:`tightwad.decoding.sampling` replays.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from tightwad.decoding.sampling import SamplingParams
 from tightwad.decoding.tokens import Position, TokenLogprob
@@ -138,6 +141,8 @@ class Props:
     eos_token: str
     chat_template: str
     build_info: str
+    model_path: str = ""
+    """The GGUF file the server loaded (its path on the server's host)."""
     n_vocab: int | None = None
     vocab_type: int | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
@@ -184,8 +189,14 @@ def error_message(status: int, text: str) -> str:
         return text.strip()[:500] or f"status {status}"
 
 
+def is_props(data: Any) -> bool:
+    """Is ``data`` a llama-server's ``/props`` answer (rather than another service's JSON)?"""
+    return isinstance(data, dict) and ("total_slots" in data or "build_info" in data)
+
+
 def parse_props(props: Any, models: Any) -> Props:
-    """``/props`` and ``/v1/models`` answers of one server as :class:`Props`."""
+    """``/props`` and ``/v1/models`` answers of one server as :class:`Props` (``models`` may be
+    None: what only ``/v1/models`` says, e.g. ``n_vocab``, is then missing)."""
     props = props if isinstance(props, dict) else {}
     data = (models.get("data") or [{}])[0] if isinstance(models, dict) else {}
     meta = data.get("meta") or {}
@@ -197,6 +208,7 @@ def parse_props(props: Any, models: Any) -> Props:
         bos_token=str(props.get("bos_token", "")), eos_token=str(props.get("eos_token", "")),
         chat_template=str(props.get("chat_template", "")),
         build_info=str(props.get("build_info", "")),
+        model_path=str(props.get("model_path", "")),
         n_vocab=meta.get("n_vocab"), vocab_type=meta.get("vocab_type"), meta=meta)
 
 
@@ -206,3 +218,108 @@ def parse_stream_chunk(data: Mapping[str, Any]) -> StreamChunk:
                        tokens=tuple(int(t) for t in data.get("tokens") or ()),
                        stop=bool(data.get("stop")), stop_type=str(data.get("stop_type", "")),
                        n_predicted=int(data.get("tokens_predicted", 0)))
+
+
+def verify_limit_in(message: str) -> int | None:
+    """The limit a patched coordinator names when it refuses a verify longer than its
+    ``--verify-max-tokens`` ("prompt_logprobs (33) exceeds the server limit (32), ..."), or None
+    when ``message`` is another refusal."""
+    marker = "server limit ("
+    start = message.find(marker)
+    if start < 0:
+        return None
+    digits = message[start + len(marker):].split(")", 1)[0]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One entry of ``/slots``."""
+
+    id: int
+    processing: bool
+    """A request is running in this slot."""
+
+
+def parse_slots(data: Any) -> list[Slot]:
+    """A ``/slots`` answer (a list of slot objects) as :class:`Slot` entries; anything that is
+    not a slot object is left out."""
+    if not isinstance(data, list):
+        return []
+    return [Slot(id=int(s.get("id", i)), processing=bool(s.get("is_processing")))
+            for i, s in enumerate(data) if isinstance(s, dict)]
+
+
+_BUILD_COMMIT = re.compile(r"-([0-9a-f]{7,40})$")
+
+
+def parse_build_info(build_info: str | None) -> str | None:
+    """The commit in ``/props`` ``build_info`` (``b1-0c1e570`` -> ``0c1e570``), or None."""
+    if not build_info:
+        return None
+    match = _BUILD_COMMIT.search(build_info)
+    return match[1] if match else None
+
+
+class Version(NamedTuple):
+    """What a llama.cpp binary's ``--version`` says (None where it does not say)."""
+
+    commit: str | None
+    rpc_protocol: str | None
+    """``v3.0.0``: only ``ggml-rpc-server`` prints it."""
+
+
+_VERSION_COMMIT = re.compile(r"commit ([0-9a-f]{7,40}|unknown)")
+_RPC_PROTOCOL = re.compile(r"rpc protocol: (v[\d.]+)")
+
+
+def parse_version(text: str) -> Version:
+    """``llama-server --version`` / ``ggml-rpc-server --version`` output (stdout and stderr)."""
+    commit, proto = _VERSION_COMMIT.search(text), _RPC_PROTOCOL.search(text)
+    return Version(commit[1] if commit else None, proto[1] if proto else None)
+
+
+class ModelBuffer(NamedTuple):
+    """One device's share of the weights in a load report."""
+
+    device: str
+    """An RPC worker's endpoint (``127.0.0.1:50052``), or a local buffer (``CPU_Mapped``)."""
+    mib: float
+
+
+_BUFFER = re.compile(r"load_tensors:\s+(?P<dev>\S+?)(?:\[(?P<endpoint>[^\]]+)\])?\s+model buffer "
+                     r"size =\s+(?P<mib>[\d.]+) MiB")
+
+
+def parse_load_report(log: str) -> list[ModelBuffer]:
+    """The weights per device from a llama-server log's last load report (``-lv 4`` prints it).
+
+    RPC devices are named by endpoint (``RPC0[127.0.0.1:50052]``); ``CPU_Mapped`` is what
+    stays in the coordinator's memory (token embeddings, layers not offloaded).
+    """
+    found: list[ModelBuffer] = []
+    for line in log.splitlines():
+        if "load_tensors: loading model tensors" in line:
+            found = []  # a reload: only the last report counts
+        match = _BUFFER.search(line)
+        if match:
+            found.append(ModelBuffer(match["endpoint"] or match["dev"], float(match["mib"])))
+    return found
+
+
+class Device(NamedTuple):
+    """One GPU ``llama-server --list-devices`` lists (a CPU build lists none)."""
+
+    name: str
+    """``CUDA0``, ``Vulkan1``: what ``--device`` takes."""
+    total_mib: int
+    free_mib: int
+
+
+# "  CUDA0: NVIDIA GeForce RTX 3060 (12044 MiB, 11800 MiB free)"
+_DEVICE = re.compile(r"^\s*([A-Za-z]+\d+):.*\((\d+) MiB, (\d+) MiB free\)\s*$", re.MULTILINE)
+
+
+def parse_list_devices(text: str) -> list[Device]:
+    """``llama-server --list-devices`` output, in the order it lists the devices."""
+    return [Device(name, int(total), int(free)) for name, total, free in _DEVICE.findall(text)]

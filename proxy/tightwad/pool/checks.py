@@ -1,4 +1,6 @@
-"""``tightwad doctor``: every check as data (name, ok/warn/fail, a message with numbers, a fix).
+"""Doctor's checks: observing the pool and judging it, every check as data (name,
+ok/warn/fail, a message with numbers, a fix). No printing: ``tightwad doctor``
+(:mod:`tightwad.cli.doctor`) builds the :class:`PoolView` and renders the results.
 
 :func:`run_checks` takes a :class:`PoolView` (what the inventory or the local pool's state says
 the pool is) and looks at the real thing: model files, binaries, workers, services. Workers are
@@ -9,17 +11,18 @@ one is reported as such); nothing else ever speaks RPC.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tightwad import build as llama_build
 from tightwad import defaults
+from tightwad.llamaserver import wire
 from tightwad.pool import discovery, rpcproto
 from tightwad.pool.gguf_info import GGUFError, GGUFInfo, read_info
 from tightwad.pool.inventory import is_loopback
@@ -108,32 +111,22 @@ class Facts:
         """No service answers and no worker accepts: a pool not started (or deployed) yet, whose
         missing services are expected rather than failures."""
         return (not any(self.http.values())
-                and not any(isinstance(h, (rpcproto.Hello, rpcproto.Busy, rpcproto.NotRpc))
-                            or (isinstance(h, rpcproto.Silent)) for h in self.hellos.values()))
+                and not any(isinstance(h, (rpcproto.Hello, rpcproto.Busy, rpcproto.NotRpc,
+                                           rpcproto.Silent))
+                            for h in self.hellos.values()))
 
 
 # --- observing --------------------------------------------------------------------------------
 
 
-def binary_version(path: Path, timeout: float = 10) -> tuple[str | None, str | None]:
-    """(commit, rpc protocol) from ``<binary> --version`` (None where it does not say)."""
+def binary_version(path: Path, timeout: float = 10) -> wire.Version:
+    """What ``<binary> --version`` says (commit, RPC protocol; None where it does not say)."""
     try:
         proc = subprocess.run([str(path), "--version"], capture_output=True, text=True,
                               timeout=timeout)
     except (OSError, subprocess.SubprocessError):
-        return None, None
-    text = proc.stdout + proc.stderr
-    commit = re.search(r"commit ([0-9a-f]{7,40}|unknown)", text)
-    proto = re.search(r"rpc protocol: (v[\d.]+)", text)
-    return (commit[1] if commit else None), (proto[1] if proto else None)
-
-
-def build_commit(build_info: str | None) -> str | None:
-    """``b1-0c1e570`` (llama-server /props build_info) -> ``0c1e570``."""
-    if not build_info:
-        return None
-    match = re.search(r"-([0-9a-f]{7,40})$", build_info)
-    return match[1] if match else None
+        return wire.Version(None, None)
+    return wire.parse_version(proc.stdout + proc.stderr)
 
 
 def memory_total() -> int | None:
@@ -268,19 +261,17 @@ def check_versions(view: PoolView, facts: Facts) -> list[Check]:
     for role in ("coordinator", "drafter"):
         found = facts.http.get(role)
         if found is not None and found.kind == "llama-server":
-            commit = build_commit(found.build)
+            commit = wire.parse_build_info(found.build)
             seen.append((role, "commit", commit or "?"))
             if commit != pin_commit:
                 bad.append(f"{role} runs build {found.build}")
     for host, text in (facts.remote_versions or {}).items():
-        commit = re.search(r"commit ([0-9a-f]{7,40}|unknown)", text)
-        proto = re.search(r"rpc protocol: (v[\d.]+)", text)
-        got_commit, got_proto = (commit[1] if commit else None), (proto[1] if proto else None)
+        got_commit, got_proto = wire.parse_version(text)
         seen.append((host, "commit", got_commit or "?"))
         if got_commit != pin_commit or got_proto != pin_proto:
             bad.append(f"{host} has ggml-rpc-server commit {got_commit or 'unknown'}, "
                        f"RPC {got_proto or 'unknown'}"
-                       + (f" ({text.strip()[:60]})" if not commit else ""))
+                       + (f" ({text.strip()[:60]})" if not got_commit else ""))
     busy = []
     for name, result in facts.hellos.items():
         if isinstance(result, rpcproto.Hello):
@@ -344,8 +335,8 @@ def check_workers(view: PoolView, facts: Facts) -> list[Check]:
             else:
                 out.append(Check(name, OK, msg))
         elif isinstance(result, rpcproto.Busy):
-            rtt = _tcp_rtt(worker.host, 22) if not is_loopback(worker.host) else None
-            rtt_s = f", RTT {rtt * 1000:.2f} ms" if rtt is not None else ""
+            ssh_rtt = _tcp_rtt(worker.host, 22) if not is_loopback(worker.host) else None
+            rtt_s = f", RTT {ssh_rtt * 1000:.2f} ms" if ssh_rtt is not None else ""
             if facts.coordinator_healthy:
                 out.append(Check(name, OK, f"{where} busy serving the coordinator{rtt_s}"))
             else:

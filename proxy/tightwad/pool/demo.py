@@ -15,11 +15,12 @@ import argparse
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tightwad import build as llama_build
 from tightwad import defaults
+from tightwad.llamaserver.wire import UpstreamFailure
 from tightwad.pool.demomodels import ensure_demo_pair
 from tightwad.pool.localpool import LaunchSpec, launch
 from tightwad.pool.procs import LOOPBACK, ProcessFailed, ProcessGroup, tcp_open
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             answer = proxy.post("/v1/completions", {
                 "prompt": "The junk drawer of compute says", "max_tokens": 16, "temperature": 0})
             spec = proxy.get("/tightwad/status")
-        except (ProcessFailed, OSError) as exc:
+        except (ProcessFailed, OSError, UpstreamFailure) as exc:
             print(f"error: the pool did not come up: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:

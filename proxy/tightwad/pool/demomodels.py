@@ -5,9 +5,9 @@ llama.cpp's vocab-only files (``models/ggml-vocab-<name>.gguf`` in the pinned tr
 llama-server tokenizes, templates and detokenizes them exactly as it would a real model.
 
 A target and its self-speculative draft come from the same :class:`ModelSpec`: the draft
-keeps only the first ``keep_layers`` blocks and is otherwise byte-identical (DESIGN 7b).
-Deeper target layers can be scaled down so that the draft agrees with the target often
-but not always.
+keeps only the first ``keep_layers`` blocks and is otherwise byte-identical. Deeper target
+layers can be scaled down so that the draft agrees with the target often but not always
+(docs/architecture.md, a draft that behaves like a real one).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
@@ -76,7 +76,7 @@ class ModelSpec:
     # Logit spread: logits have std ~= output_scale, so larger values make greedy ties rare.
     output_scale: float = 1.0
     # Layers >= n_core_layers get attn_output/ffn_down scaled by deep_layer_scale, so they
-    # only perturb the residual stream that the first layers set up (DESIGN 7b).
+    # only perturb the residual stream that the first layers set up (docs/architecture.md).
     deep_layer_scale: float = 1.0
     n_core_layers: int = 0
     # None: all layers. k: write only blocks 0..k-1 (a layer-truncated draft).
@@ -127,8 +127,8 @@ TARGET_SPEC = ModelSpec(
     n_ff=256,
     seed=1,
     # Measured with llama-server (6 prompts x 64 greedy tokens): top-2 logit gap median 2.3,
-    # smallest 0.0035, above the ~2e-3 batch-vs-single numeric noise of DESIGN 5. Sampling
-    # tests that want flatter distributions can raise the temperature.
+    # smallest 0.0035, above the ~2e-3 batch-vs-single numeric noise (docs/architecture.md,
+    # verify numerics). Sampling tests that want flatter distributions can raise the temperature.
     output_scale=16.0,
     # Per-position greedy agreement of DRAFT_SPEC with this target: 0.71 (measured, same run).
     deep_layer_scale=0.1,

@@ -4,7 +4,8 @@ Every probe has a timeout and the number of probes in flight is bounded, so a /2
 seconds and a dead address costs one timeout. RPC workers are identified with the protocol's
 HELLO (:mod:`tightwad.pool.rpcproto`), which never harms a worker that is serving a coordinator: it
 is reported as busy. HTTP services are identified by ``/health``, ``/props`` (llama-server:
-model, slots, build) and ``/tightwad/status`` (the proxy).
+model, slots, build; read by :mod:`tightwad.llamaserver.wire`) and ``/tightwad/status`` (the
+proxy), through the blocking client (:mod:`tightwad.llamaserver.blocking`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import json
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from tightwad import defaults
+from tightwad.llamaserver import blocking, wire
 from tightwad.pool import rpcproto
 
 DEFAULT_RPC_PORTS = defaults.DISCOVERY_RPC_PORTS
@@ -183,32 +184,15 @@ def ssh_banner(host: str, port: int = SSH_PORT, timeout: float = 0.5) -> str | N
     return text if text.startswith("SSH-") else None
 
 
-def http_json(url: str, timeout: float = 2.0, token: str | None = None) -> tuple[int, Any]:
-    """GET ``url``: (status, parsed JSON or text); (0, reason) when nothing answered."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                    timeout=timeout) as resp:
-            status, raw = resp.status, resp.read(4 << 20)
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read(1 << 16)
-    except (OSError, ValueError) as exc:
-        return 0, str(getattr(exc, "reason", exc))
-    text = raw.decode("utf-8", "replace")
-    try:
-        return status, json.loads(text)
-    except json.JSONDecodeError:
-        return status, text
-
-
 def identify_http(host: str, port: int, timeout: float = 2.0) -> HttpFinding | None:
     """What serves HTTP on ``host:port`` (None: nothing, or not HTTP)."""
     base = f"http://{host}:{port}"
-    status, _ = http_json(f"{base}/health", timeout)
+    status = blocking.probe(f"{base}/health", timeout=timeout).status
     if status == 0:
         return None
     healthy = status == 200
-    code, tw = http_json(f"{base}/tightwad/status", timeout)
+    answer = blocking.probe(f"{base}/tightwad/status", timeout=timeout)
+    code, tw = answer.status, answer.body
     if code in (200, 401) and (code == 401 or (isinstance(tw, dict) and "mode" in tw)):
         finding = HttpFinding(port, "tightwad-proxy", healthy)
         if isinstance(tw, dict):
@@ -219,13 +203,15 @@ def identify_http(host: str, port: int, timeout: float = 2.0) -> HttpFinding | N
         else:
             finding.detail = "needs a token"
         return finding
-    code, props = http_json(f"{base}/props", timeout)
-    if code == 200 and isinstance(props, dict) and ("total_slots" in props
-                                                     or "build_info" in props):
-        settings = props.get("default_generation_settings") or {}
-        return HttpFinding(port, "llama-server", healthy, model=props.get("model_path"),
-                           slots=props.get("total_slots"), build=props.get("build_info"),
-                           n_ctx=settings.get("n_ctx"))
+    answer = blocking.probe(f"{base}/props", timeout=timeout)
+    if answer.status == 200 and wire.is_props(answer.body):
+        try:
+            props = wire.parse_props(answer.body, None)
+        except (TypeError, ValueError):
+            return HttpFinding(port, "http", healthy, detail="unreadable /props")
+        return HttpFinding(port, "llama-server", healthy, model=props.model_path or None,
+                           slots=props.total_slots, build=props.build_info or None,
+                           n_ctx=props.n_ctx or None)
     return HttpFinding(port, "http", healthy, detail=f"HTTP {status} on /health")
 
 
@@ -276,7 +262,7 @@ def scan(addresses: Sequence[str], *, rpc_ports: Sequence[int] = DEFAULT_RPC_POR
         return job, identify_http(addr, port, http_timeout)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for (kind, addr, port), found in pool.map(run, jobs):
+        for (kind, addr, _port), found in pool.map(run, jobs):
             done += 1
             if progress:
                 progress(done, len(jobs))

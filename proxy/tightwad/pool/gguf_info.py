@@ -143,7 +143,7 @@ def read_info(path: PathArg) -> GGUFInfo:
     path = Path(path)
     try:
         size = path.stat().st_size
-        fh = open(path, "rb")
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the with block below
     except OSError as exc:
         raise GGUFError(f"{path}: {exc.strerror}") from None
     with fh:

@@ -14,7 +14,8 @@ The shape is the contract with the Ansible roles (see docs/cli.md):
 A host may sit in several groups (the usual coordinator is also a worker and the proxy); its
 variables are the union of what each group's entry gives it, as in Ansible. Service ports are
 the defaults below unless a host sets ``coordinator_port``, ``drafter_port`` or ``proxy_port``
-(the roles' own variables, which this module reads with the roles' defaults).
+(the roles' own variables). The defaults are ``tightwad.defaults``, the values
+tests/deploy/test_role_defaults.py holds the roles' defaults to.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ DRAFTER_PORT = defaults.DRAFTER_PORT
 PROXY_PORT = defaults.PROXY_PORT
 RPC_PORT = defaults.RPC_PORT
 DEFAULT_CTX = defaults.CTX_SIZE
-DEFAULT_INSTANCES = [dict(instance) for instance in defaults.RPC_INSTANCES]
+DEFAULT_INSTANCES: list[dict[str, Any]] = [dict(instance) for instance in defaults.RPC_INSTANCES]
 
 
 class InventoryError(ValueError):

@@ -12,17 +12,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import tempfile
 import time
-import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tightwad import build as llama_build
 from tightwad import defaults
+from tightwad.llamaserver import blocking, wire
+from tightwad.llamaserver.wire import UpstreamFailure
 from tightwad.pool.procs import HttpService, LlamaServer, ProcessGroup, RpcWorker
 
 STATE_VERSION = 1
@@ -233,37 +234,41 @@ def service_from(proc: Any, kind: str) -> Service:
                    started=start_ticks(proc.pid), log=str(proc.log_path), args=list(proc.args))
 
 
-# --- observations ----------------------------------------------------------------------------
-
-_BUFFER = re.compile(r"load_tensors:\s+(?P<dev>\S+?)(?:\[(?P<endpoint>[^\]]+)\])?\s+model buffer "
-                     r"size =\s+(?P<mib>[\d.]+) MiB")
+# --- observations and operations on the running pool -------------------------------------
 
 
-def split_from_log(text: str) -> list[tuple[str, float]]:
-    """(device, MiB of weights) from the coordinator's last load report (``-lv 4``).
-
-    RPC devices are named by endpoint (``RPC0[127.0.0.1:50052]``); ``CPU_Mapped`` is what
-    stays in the coordinator's memory (token embeddings, layers not offloaded).
-    """
-    found: list[tuple[str, float]] = []
-    for line in text.splitlines():
-        if "load_tensors: loading model tensors" in line:
-            found = []  # a reload: only the last report counts
-        match = _BUFFER.search(line)
-        if match:
-            device = match["endpoint"] or match["dev"]
-            found.append((device, float(match["mib"])))
-    return found
-
-
-def get_json(url: str, timeout: float = 3.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def http_ok(url: str, timeout: float = 2.0) -> bool:
+def live_split(coordinator: Service) -> list[wire.ModelBuffer]:
+    """The weights per device the running coordinator loaded: its log's last load report
+    (``-lv 4``, see :func:`coordinator_args`); empty when the log is gone."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status == 200
-    except (OSError, ValueError):
-        return False
+        text = Path(coordinator.log).read_text(errors="replace")
+    except OSError:
+        return []
+    return wire.parse_load_report(text)
+
+
+def wait_idle(url: str, timeout: float) -> None:
+    """Wait until no slot of the llama-server at ``url`` is processing (at most ``timeout`` s).
+    Returns at once when ``/slots`` does not answer: nothing to wait for then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            slots = wire.parse_slots(blocking.get_json(f"{url}/slots", timeout=3))
+        except UpstreamFailure:
+            return
+        if not any(s.processing for s in slots):
+            return
+        time.sleep(0.2)
+
+
+def nudge_proxy(proxy_url: str) -> None:
+    """Make the proxy re-read its coordinator (model, vocabulary, verify limit) now.
+
+    The proxy re-reads the target after a request finds it unreachable, or on its own within
+    target.recheck_s; a one-token request while the coordinator is down makes it happen now
+    (it gets a 503, which is the point)."""
+    try:
+        blocking.request("POST", f"{proxy_url}/v1/completions", {"prompt": "x", "max_tokens": 1},
+                         timeout=10)
+    except UpstreamFailure:
+        pass

@@ -4,12 +4,15 @@
 the coordinator's local devices. llama.cpp gives each device a share of the layers proportional
 to its number, so the proposal is proportional to what each device can actually hold: its free
 memory minus a headroom for the compute buffers and the KV cache of its layers.
+
+``propose_split`` is the one split rule: ``tightwad init`` writes it into the inventory, and the
+coordinator role's ``auto`` split (filter_plugins/tightwad_pool.py) computes it at deploy time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

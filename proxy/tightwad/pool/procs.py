@@ -7,18 +7,18 @@ also when a test fails or the demo is interrupted.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+from tightwad.llamaserver import blocking
 
 LOOPBACK = "127.0.0.1"
 
@@ -101,15 +101,10 @@ class RpcWorker(Proc):
         return f"{self.host}:{self.port}"
 
 
-class HTTPError(RuntimeError):
-    def __init__(self, status: int, body: str, url: str):
-        super().__init__(f"HTTP {status} from {url}: {body[:500]}")
-        self.status, self.body = status, body
-
-
 @dataclass
 class HttpService(Proc):
-    """A process serving HTTP: llama-server, or the tightwad proxy."""
+    """A process serving HTTP: llama-server, or the tightwad proxy. Its calls go through the
+    blocking client (:mod:`tightwad.llamaserver.blocking`) and fail as it does."""
 
     host: str = LOOPBACK
     port: int = 0
@@ -118,43 +113,20 @@ class HttpService(Proc):
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def request(self, method: str, path: str, body: Any = None,
-                timeout: float = 60) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                status, raw = resp.status, resp.read()
-        except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read()
-        text = raw.decode("utf-8", errors="replace")
-        try:
-            return status, json.loads(text)
-        except json.JSONDecodeError:
-            return status, text
-
     def post_raw(self, path: str, body: Any, timeout: float = 60) -> tuple[int, Any]:
-        return self.request("POST", path, body, timeout)
+        """(status, JSON or text) whatever the status."""
+        answer = blocking.request("POST", self.url + path, body, timeout=timeout)
+        return answer.status, answer.body
 
     def post(self, path: str, body: Any, timeout: float = 60) -> Any:
-        status, payload = self.request("POST", path, body, timeout)
-        if status != 200:
-            raise HTTPError(status, json.dumps(payload) if not isinstance(payload, str)
-                            else payload, self.url + path)
-        return payload
+        """The JSON answer; any other status raises :class:`~tightwad.llamaserver.wire.UpstreamError`."""
+        return blocking.post_json(self.url + path, body, timeout=timeout)
 
     def get(self, path: str, timeout: float = 30) -> Any:
-        status, payload = self.request("GET", path, None, timeout)
-        if status != 200:
-            raise HTTPError(status, str(payload), self.url + path)
-        return payload
+        return blocking.get_json(self.url + path, timeout=timeout)
 
     def healthy(self) -> bool:
-        try:
-            return self.request("GET", "/health", timeout=2)[0] == 200
-        except OSError:
-            return False
+        return blocking.ok(self.url + "/health", timeout=2)
 
 
 @dataclass
@@ -171,13 +143,13 @@ class ProcessGroup:
     threads: int = 1
     procs: list[Proc] = field(default_factory=list)
 
-    def __enter__(self) -> "ProcessGroup":
+    def __enter__(self) -> ProcessGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _spawn(self, cls: type, name: str, args: Sequence[str], env: dict | None = None,
+    def _spawn(self, cls: type, name: str, args: Sequence[object], env: dict | None = None,
                **attrs: Any) -> Any:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"

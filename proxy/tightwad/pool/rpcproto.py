@@ -8,7 +8,7 @@ u64 total) read the worker's devices.
 
 A worker serves ONE client at a time; other connections wait in its listen backlog. So a probe
 of a worker that is serving a coordinator gets no answer: that is reported as :class:`Busy`.
-How the probe ends matters (measured on the pin, DESIGN section 4): if it sends a HELLO and
+How the probe ends matters (measured on the pin, docs/architecture.md): if it sends a HELLO and
 closes normally (FIN), the worker later accepts the dead connection, writes its answer, and a
 stock worker dies of SIGPIPE. This module therefore closes every connection that may still be
 waiting in the backlog with a reset (SO_LINGER 0): the worker's first write then fails with
@@ -175,7 +175,7 @@ def hello(host: str, port: int, *, timeout: float = 1.0, connect_timeout: float 
     started = time.monotonic()
     try:
         sock = socket.create_connection((host, port), timeout=connect_timeout or timeout)
-    except socket.timeout:
+    except TimeoutError:
         raise Silent(f"{host}:{port}: no answer to the TCP handshake") from None
     except OSError as exc:
         raise Unreachable(f"{host}:{port}: {exc.strerror or exc}") from None
@@ -187,7 +187,7 @@ def hello(host: str, port: int, *, timeout: float = 1.0, connect_timeout: float 
         try:
             sock.sendall(_request(CMD_HELLO, bytes(CONN_CAPS_SIZE)))
             body = _response(sock, 4 + CONN_CAPS_SIZE)
-        except socket.timeout:
+        except TimeoutError:
             raise Busy(f"{host}:{port} accepted the connection but did not answer within "
                        f"{timeout:g} s (a worker serves one client at a time)") from None
         except OSError as exc:

@@ -23,13 +23,22 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from tightwad.config import Config
-from tightwad.engine.engine import Engine, Failed, Finished, GenerationRequest, TextDelta, failure
-from tightwad.engine.metrics import Metrics
+from tightwad.engine.engine import (
+    Engine,
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    TextDelta,
+    failure,
+)
+from tightwad.engine.telemetry import Telemetry
 from tightwad.llamaserver.wire import UpstreamFailure
 from tightwad.server.auth import bearer_auth
 from tightwad.server.lifecycle import SHUTTING_DOWN, Lifecycle
@@ -49,7 +58,7 @@ log = logging.getLogger("tightwad.server.app")
 
 CONFIG = web.AppKey("config", Config)
 ENGINE = web.AppKey("engine", Engine)
-METRICS = web.AppKey("metrics", Metrics)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
 STARTED = web.AppKey("started", int)
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
@@ -158,7 +167,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                                         type="server_error"))
     route = request.match_info.route.resource
     endpoint = route.canonical if route is not None else "other"
-    request.app[METRICS].on_request(endpoint, resp.status)
+    request.app[TELEMETRY].on_http_answer(endpoint, resp.status)
     return resp
 
 
@@ -204,7 +213,7 @@ async def _generate(request: web.Request, kind: str,
             raise _from_failed(first)
         if not parsed.stream:
             text: list[str] = []
-            event = first
+            event: Event = first
             while True:
                 if isinstance(event, TextDelta):
                     text.append(event.text)
@@ -282,13 +291,12 @@ async def models(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    target = engine.up.target
-    if target is None or not await target.health():
+    if not await engine.healthy():
         raise ApiError(503, "the coordinator (target llama-server) is not answering",
                        type="service_unavailable", code="upstream_unavailable",
                        headers={"Retry-After": "5"})
     return web.json_response({"status": "ok",
-                              "speculation_active": engine.up.speculation_active})
+                              "speculation_active": engine.speculation_active})
 
 
 async def status(request: web.Request) -> web.Response:
@@ -300,9 +308,9 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[METRICS]
-    return web.Response(body=registry.render(),
-                        headers={"Content-Type": registry.content_type})
+    telemetry = request.app[TELEMETRY]
+    return web.Response(body=telemetry.prometheus(),
+                        headers={"Content-Type": telemetry.content_type})
 
 
 def create_app(config: Config, engine: Engine | None = None) -> web.Application:
@@ -313,7 +321,7 @@ def create_app(config: Config, engine: Engine | None = None) -> web.Application:
                           client_max_size=config.limits.max_body_bytes)
     app[CONFIG] = config
     app[ENGINE] = engine
-    app[METRICS] = engine.metrics
+    app[TELEMETRY] = engine.telemetry
     app[STARTED] = int(time.time())
 
     app[LIFECYCLE] = Lifecycle()

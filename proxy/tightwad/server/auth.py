@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from tightwad.server.openai_api import error_body
 
@@ -23,7 +24,7 @@ def _unauthorized(message: str) -> web.Response:
         headers={"WWW-Authenticate": 'Bearer realm="tightwad"'})
 
 
-def bearer_auth(token: str | None, open_paths: Iterable[str] = OPEN_PATHS):  # type: ignore[no-untyped-def]
+def bearer_auth(token: str | None, open_paths: Iterable[str] = OPEN_PATHS) -> Middleware:
     """The middleware; with ``token`` None every request passes."""
     expected = token.encode() if token else None
     public = frozenset(open_paths)

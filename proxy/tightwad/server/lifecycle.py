@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from tightwad.engine.events import Event, Failed
 

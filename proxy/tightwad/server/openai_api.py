@@ -17,8 +17,9 @@ field is ignored, as OpenAI-compatible servers do.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from tightwad.config import LimitsConfig
 from tightwad.decoding.sampling import SamplingParams

@@ -2,13 +2,15 @@
 
 The role runs the probes on each host (``uname -sm``, ``nvidia-smi --query-gpu=compute_cap
 --format=csv,noheader``, ``rocminfo``) and hands their output to ``tightwad_backend``, which
-decides the backend and the arguments for ``tightwad.build``. Nothing here touches a host, so
+decides the backend and the arguments for ``tightwad.build``; ``tightwad_build_key`` asks the
+controller's ``tightwad.build`` for the cache key of that build. Nothing here touches a host, so
 tests feed it fake probe output directly.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 try:  # Ansible is present when the role runs; the unit tests import this file without it too.
     from ansible.errors import AnsibleFilterError
@@ -16,7 +18,15 @@ except ImportError:  # pragma: no cover
     class AnsibleFilterError(Exception):  # type: ignore[no-redef]
         pass
 
-BACKENDS = ("cpu", "cuda", "rocm", "metal", "vulkan")
+try:
+    from tightwad import build
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError(
+        "the tightwad package is not importable by the Python that runs Ansible: run "
+        "ansible-playbook from the environment tightwad is installed in (scripts/bootstrap's "
+        ".venv, or pip install ansible-core next to tightwad)") from exc
+
+BACKENDS = build.BACKENDS
 _GFX = re.compile(r"^\s*Name:\s+(gfx[0-9a-f]+)\s*$", re.MULTILINE)
 _COMPUTE_CAP = re.compile(r"^\s*(\d+)\.(\d+)\s*$")
 
@@ -51,8 +61,9 @@ def tightwad_backend(probe: dict, backend: str = "auto", cuda_arch: str = "",
     (Metal), CPU. Vulkan is used only when the inventory asks for it. ``portable=False`` builds
     for the build host's own CPU (``-march=native``): only for hosts with that very CPU.
 
-    Returns ``backend``, ``cuda_arch``, ``rocm_target``, ``system``, ``machine``, ``kind`` (hosts
-    of one kind share one build) and ``build_args`` (for ``python -m tightwad.build build``).
+    Returns ``backend``, ``cuda_arch``, ``rocm_target``, ``portable``, ``system``, ``machine``,
+    ``kind`` (hosts of one kind share one build) and ``build_args`` (for ``python -m
+    tightwad.build build``).
     """
     uname = (probe.get("uname") or "").split()
     if len(uname) < 2:
@@ -105,7 +116,18 @@ def tightwad_backend(probe: dict, backend: str = "auto", cuda_arch: str = "",
     else:
         kind += "-native"
     return {"backend": backend, "cuda_arch": cuda_arch, "rocm_target": rocm_target,
-            "system": system, "machine": machine, "kind": kind, "build_args": args}
+            "portable": bool(portable), "system": system, "machine": machine, "kind": kind,
+            "build_args": args}
+
+
+def tightwad_build_key(detected: dict, patches_dir: str) -> str:
+    """The cache key of the build ``detected`` (from ``tightwad_backend``) asks for: what
+    ``tightwad.build build <build_args> --patches <patches_dir>`` names its build."""
+    backend = detected["backend"]
+    flags = build.cmake_flags(backend, cuda_arch=detected.get("cuda_arch") or None,
+                              rocm_target=detected.get("rocm_target") or None,
+                              portable=bool(detected.get("portable")))
+    return build.build_key(backend, patches_dir=Path(patches_dir), flags=flags).name
 
 
 def tightwad_build_plan(hosts: list, hostvars: dict, controller_uname: str = "") -> list:
@@ -153,4 +175,5 @@ def _truthy(value: object) -> bool:
 
 class FilterModule:
     def filters(self) -> dict:
-        return {"tightwad_backend": tightwad_backend, "tightwad_build_plan": tightwad_build_plan}
+        return {"tightwad_backend": tightwad_backend, "tightwad_build_key": tightwad_build_key,
+                "tightwad_build_plan": tightwad_build_plan}

@@ -1,0 +1,197 @@
+"""One remote-mode request as rounds of exact speculative decoding (docs/architecture.md).
+
+Per round (:class:`SpeculativeRun`): plan k, draft k tokens on the drafter, verify them in one
+target pass (``prompt_logprobs``, docs/verify-api.md), decide with
+:func:`tightwad.decoding.acceptance.decide_round`, emit. k adapts per request
+(:class:`tightwad.decoding.speculation.AdaptiveK`). A round without a draft (the drafter down,
+slow, busy or erroring, see :meth:`tightwad.engine.servers.Servers.draft`) runs target-only: one
+token from the target. No HTTP here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+from tightwad.config import SpeculationConfig
+from tightwad.decoding.acceptance import Outcome, decide_round, usable_draft
+from tightwad.decoding.sampling import Rng, SamplingParams, SparseDist
+from tightwad.decoding.speculation import AcceptanceEstimate, AdaptiveK, round_timed
+from tightwad.decoding.transcript import Transcript
+from tightwad.engine.events import Event, Finished, GenerationRequest, TextDelta
+from tightwad.engine.servers import NoDraft, Servers, TargetInfo
+from tightwad.engine.telemetry import RequestStats, Round, Telemetry
+from tightwad.llamaserver.wire import Completion, CompletionRequest
+
+
+@dataclass
+class Draft:
+    """The drafted tokens a round verifies (none: the round runs target-only)."""
+
+    tokens: list[int] = field(default_factory=list)
+    q: list[SparseDist] = field(default_factory=list)
+    """The drafter's distribution at each token (sampling only)."""
+    seconds: float | None = None
+    """How long the drafter took; None when it was not asked."""
+
+
+def probs_wanted(params: SamplingParams, banned: frozenset[int], n_probs: int) -> int:
+    """How long a top list each position needs: greedy needs only the argmax; sampling needs
+    lists in which the chain's cut is exact (``n_probs``, the configured length, otherwise)."""
+    if params.greedy:
+        return 1 + len(banned)
+    if 0 < params.top_k <= n_probs:
+        return params.top_k + len(banned)
+    return n_probs
+
+
+class SpeculativeRun:
+    """One request's rounds, from its leased target slot to :class:`Finished`. Upstream
+    failures propagate to the engine; the drafter slot it may lease is released by
+    :meth:`events`' end."""
+
+    def __init__(self, servers: Servers, telemetry: Telemetry, config: SpeculationConfig,
+                 request: GenerationRequest, info: TargetInfo, slot: int,
+                 stats: RequestStats) -> None:
+        self.servers = servers
+        self.telemetry = telemetry
+        self.request = request
+        self.info = info
+        self.slot = slot
+        self.stats = stats
+        self.params = request.sampling
+        self.rng = Rng(self.params.seed)
+        self.banned = info.eog if request.ignore_eos else frozenset()
+        self.n_probs = probs_wanted(self.params, self.banned, config.n_probs)
+        k_max = max(1, min(config.k_max, info.verify_limit))
+        k_min = min(config.k_min, k_max)
+        # A seeded sampling request keeps k fixed: k follows measured timings, and the random
+        # stream a round consumes depends on k, so an adaptive k would make seeds irreproducible.
+        adaptive = config.adaptive and (self.params.greedy or self.params.seed is None)
+        self.control = AdaptiveK(k=max(k_min, min(config.k_initial, k_max)), k_min=k_min,
+                                 k_max=k_max, adaptive=adaptive,
+                                 acceptance=AcceptanceEstimate.with_prior())
+        self.transcript = Transcript(request.max_tokens, request.stop,
+                                     frozenset() if request.ignore_eos else info.eog)
+        self.context = list(request.prompt)
+        self.drafter_slot: int | None = None
+        self.may_draft = True  # False once this request's drafting is hopeless (a mismatch)
+        self.target_only_next = False  # the last round cut its verify short
+        self.appended = 0  # tokens added to the context by the last round
+
+    async def events(self) -> AsyncGenerator[Event, None]:
+        """:class:`TextDelta` per round that produced text, then :class:`Finished`."""
+        try:
+            reason: str | None = None
+            while reason is None:
+                if self._room() <= 0:
+                    reason = "length"
+                    break
+                pending = len(self.transcript.pending)
+                draft = await self._draft(self._plan_k(pending))
+                verify, verify_s = await self._verify(draft, pending)
+                if pending:  # the bytes of last round's final token, scored as a prompt token
+                    text, stopped = self.transcript.resolve(verify.prompt_probs[:pending])
+                    verify = dataclasses.replace(verify,
+                                                 prompt_probs=verify.prompt_probs[pending:])
+                    if text:
+                        yield TextDelta(text, ())
+                    if stopped:
+                        reason = "stop"
+                        break
+                outcome = self._decide(draft, verify, verify_s, pending)
+                delta, reason = self._emit(draft, outcome, verify_s)
+                if delta is not None:
+                    yield delta
+            async for event in self._finish(reason):
+                yield event
+        finally:
+            if self.drafter_slot is not None:
+                self.servers.release_drafter_slot(self.drafter_slot, self.request.prompt)
+
+    def _room(self) -> int:
+        """How many more tokens this request may generate (0: it ends on length)."""
+        if self.transcript.count >= self.request.max_tokens:
+            return 0
+        return self.info.props.n_ctx - len(self.context)
+
+    def _plan_k(self, pending: int) -> int:
+        """This round's draft length: the controller's k within what is left of max_tokens,
+        the context and the coordinator's verify limit (the pending tokens count against it)."""
+        return min(self.control.k, self.request.max_tokens - self.transcript.count - 1,
+                   self._room() - 1, self.info.verify_limit - pending)
+
+    async def _draft(self, k: int) -> Draft:
+        if k <= 0 or not self.may_draft or self.target_only_next:
+            self.target_only_next = False
+            return Draft()
+        self.target_only_next = False
+        if self.drafter_slot is None:
+            self.drafter_slot = self.servers.try_lease_drafter_slot(self.request.prompt)
+        params = self.params
+        seed = None if params.greedy else int(self.rng.uniform() * 2 ** 32)
+        got = await self.servers.draft(CompletionRequest(
+            prompt=self.context, n_predict=k, sampling=params, seed=seed,
+            n_probs=0 if params.greedy else self.n_probs,
+            id_slot=-1 if self.drafter_slot is None else self.drafter_slot,
+            ignore_eos=bool(self.banned)))
+        if isinstance(got, NoDraft):
+            self.may_draft = got.retry
+            if got.fallback is not None:
+                self.telemetry.on_fallback(self.stats, got.fallback)
+            return Draft()
+        tokens, q = usable_draft(got.completion, params, self.n_probs, self.banned)
+        return Draft(tokens[:k], q[:k], got.seconds)
+
+    async def _verify(self, draft: Draft, pending: int) -> tuple[Completion, float]:
+        """One target pass over the draft (and the ``pending`` tokens whose bytes are still
+        unknown); the answer and its seconds."""
+        params = self.params
+        seed = None if params.greedy else int(self.rng.uniform() * 2 ** 32)
+        t0 = time.monotonic()
+        verify = await self.servers.verify(
+            self.context, draft.tokens, scored=pending, sampling=params, seed=seed,
+            n_probs=self.n_probs, id_slot=self.slot, ignore_eos=self.request.ignore_eos)
+        return verify, time.monotonic() - t0
+
+    def _decide(self, draft: Draft, verify: Completion, verify_s: float,
+                pending: int) -> Outcome:
+        """The round's tokens, and the controller's next k."""
+        outcome = decide_round(draft.tokens, draft.q, verify, self.params, self.rng,
+                               self.n_probs, self.banned)
+        self.target_only_next = outcome.cut
+        drafted = len(draft.tokens)
+        if drafted:
+            timed = round_timed(self.stats.rounds, verify.timings.prompt_n, drafted,
+                                self.appended, pending)
+            self.control = self.control.observe(drafted, outcome.accepted,
+                                                draft.seconds or 0.0, verify_s, timed=timed)
+        return outcome
+
+    def _emit(self, draft: Draft, outcome: Outcome,
+              verify_s: float) -> tuple[TextDelta | None, str | None]:
+        """Append the round's tokens; the text to send (if any) and why the output ended
+        (None: it goes on)."""
+        taken = self.transcript.take(outcome.tokens, outcome.token_bytes)
+        self.context.extend(taken.tokens)
+        self.appended = len(taken.tokens)
+        self.telemetry.on_round(self.stats, Round(
+            drafted=len(draft.tokens), accepted=outcome.accepted, tokens=len(taken.tokens),
+            draft_seconds=draft.seconds, verify_seconds=verify_s))
+        self.stats.last_k, self.stats.alpha = self.control.k, self.control.acceptance.mean
+        delta = TextDelta(taken.text, taken.tokens) if taken.text or taken.tokens else None
+        return delta, taken.reason
+
+    async def _finish(self, reason: str) -> AsyncGenerator[Event, None]:
+        transcript = self.transcript
+        if transcript.pending:  # the last token ended inside a character: ask for its bytes
+            m = len(transcript.pending)
+            res = await self.servers.verify(self.context, [], scored=m, id_slot=self.slot)
+            text, _ = transcript.resolve(res.prompt_probs[-m:])
+            if text:
+                yield TextDelta(text, ())
+        if tail := transcript.finish():
+            yield TextDelta(tail, ())
+        yield Finished(reason, len(self.request.prompt), transcript.count, self.stats)

@@ -1,0 +1,244 @@
+"""The proxy's statistics, each counted once: per request (:class:`RequestStats`, carried in
+:class:`~tightwad.engine.events.Finished`) and since start (:class:`Telemetry`).
+
+The engine reports each event once (request start and end, the queue, a round, a drafter
+fallback, pass-through tokens) to :class:`Telemetry`, which updates the request's stats and the
+totals. Both views read those totals: :meth:`Telemetry.status` is ``/tightwad/status``'s
+``stats`` object, and :meth:`Telemetry.prometheus` renders them, with the series only Prometheus
+has (HTTP answers, latency histograms, queue gauges), as ``/metrics``. Each proxy has a registry
+of its own (never the process-global one, so several proxies in one process do not collide).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Round latencies on a loopback pool are milliseconds, on a slow LAN pool up to seconds.
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+_RECENT_ROUNDS = 200  # rounds behind "recent_acceptance"
+
+
+@dataclass
+class RequestStats:
+    """One generation. ``acceptance`` is llama.cpp's accepted/drafted ratio; ``alpha`` is the
+    per-position acceptance estimate (Leviathan's a) the k controller used last."""
+
+    mode: str = "remote"
+    speculative: bool = False
+    """Drafting was possible when the request started (remote mode, tokenizers match)."""
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    fallbacks: int = 0
+    """Rounds that wanted a draft and ran target-only (drafter down, slow, busy or erroring)."""
+    tokens: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    queued_seconds: float = 0.0
+    elapsed_seconds: float = 0.0
+    last_k: int = 0
+    alpha: float | None = None
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def tokens_per_round(self) -> float | None:
+        return self.tokens / self.rounds if self.rounds else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "acceptance": self.acceptance,
+                "tokens_per_round": self.tokens_per_round}
+
+
+@dataclass(frozen=True)
+class Round:
+    """One verify round as the statistics see it."""
+
+    drafted: int
+    accepted: int
+    tokens: int
+    """Tokens the round added to the output."""
+    draft_seconds: float | None
+    """None when no draft was asked of the drafter."""
+    verify_seconds: float
+
+
+@dataclass
+class _Totals:
+    """Everything since the proxy started: the one copy both views read."""
+
+    requests: int = 0
+    failed: int = 0
+    tokens: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> rounds
+    draft_seconds: float = 0.0
+    draft_calls: int = 0
+    verify_seconds: float = 0.0
+    recent: deque = field(default_factory=lambda: deque(maxlen=_RECENT_ROUNDS))
+    """(drafted, accepted) of the last rounds that drafted."""
+
+
+class Telemetry(Collector):
+    """The proxy's statistics: the engine's ``request_*``/``on_*`` calls in, status JSON and
+    Prometheus text out. ``speculation_active`` is read at each scrape."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, speculation_active: Callable[[], bool] = lambda: False) -> None:
+        self._speculation_active = speculation_active
+        self._started = time.time()
+        self._totals = _Totals()
+        self._fallback_since: dict[str, float] = {}
+        # Series that only Prometheus shows; the shared totals are exported by collect().
+        self._registry = r = CollectorRegistry(auto_describe=True)
+        self._http = Counter("tightwad_requests", "HTTP requests answered",
+                             ["endpoint", "status"], registry=r)
+        self._prompt_tokens = Counter("tightwad_prompt_tokens", "Prompt tokens processed",
+                                      registry=r)
+        self._draft_latency = Histogram("tightwad_draft_seconds", "Drafter time per round",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self._verify_latency = Histogram("tightwad_verify_seconds", "Target time per round "
+                                         "(one forward pass)", buckets=_LATENCY_BUCKETS,
+                                         registry=r)
+        self._in_flight = Gauge("tightwad_requests_in_flight", "Generations holding a slot",
+                                registry=r)
+        self._queued = Gauge("tightwad_requests_queued", "Generations waiting for a slot",
+                             registry=r)
+        r.register(self)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def request_started(self, mode: str) -> RequestStats:
+        self._totals.requests += 1
+        return RequestStats(mode=mode)
+
+    def request_failed(self) -> None:
+        self._totals.failed += 1
+
+    def request_finished(self, stats: RequestStats, elapsed_s: float) -> None:
+        stats.elapsed_seconds = elapsed_s
+
+    @contextlib.contextmanager
+    def waiting_for_slot(self, prompt_tokens: int) -> Iterator[None]:
+        """A request with ``prompt_tokens`` waits in the slot queue for as long as the block
+        runs."""
+        self._prompt_tokens.inc(prompt_tokens)
+        self._queued.inc()
+        try:
+            yield
+        finally:
+            self._queued.dec()
+
+    def slot_taken(self, stats: RequestStats, queued_s: float) -> None:
+        stats.queued_seconds = queued_s
+        self._in_flight.inc()
+
+    def slot_released(self) -> None:
+        self._in_flight.dec()
+
+    def on_round(self, stats: RequestStats, done: Round) -> None:
+        totals = self._totals
+        stats.rounds += 1
+        totals.rounds += 1
+        stats.tokens += done.tokens
+        totals.tokens += done.tokens
+        stats.verify_seconds += done.verify_seconds
+        totals.verify_seconds += done.verify_seconds
+        self._verify_latency.observe(done.verify_seconds)
+        if done.draft_seconds is not None:
+            stats.draft_seconds += done.draft_seconds
+            totals.draft_seconds += done.draft_seconds
+            totals.draft_calls += 1
+            self._draft_latency.observe(done.draft_seconds)
+        if done.drafted:
+            stats.drafted += done.drafted
+            stats.accepted += done.accepted
+            totals.drafted += done.drafted
+            totals.accepted += done.accepted
+            totals.recent.append((done.drafted, done.accepted))
+
+    def on_fallback(self, stats: RequestStats, reason: str) -> None:
+        """A round that wanted a draft runs target-only, for ``reason``."""
+        stats.fallbacks += 1
+        fallbacks = self._totals.fallbacks
+        fallbacks[reason] = fallbacks.get(reason, 0) + 1
+        self._fallback_since.setdefault(reason, time.time())
+
+    def on_tokens(self, stats: RequestStats, count: int) -> None:
+        """Tokens generated outside rounds (a pass-through stream)."""
+        stats.tokens += count
+        self._totals.tokens += count
+
+    def on_http_answer(self, endpoint: str, status: int) -> None:
+        self._http.labels(endpoint=endpoint, status=str(status)).inc()
+
+    # -- views ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """``/tightwad/status``'s ``stats``: totals since start."""
+        t = self._totals
+        recent_d = sum(d for d, _ in t.recent)
+        recent_a = sum(a for _, a in t.recent)
+        return {
+            "requests": t.requests, "failed": t.failed, "tokens": t.tokens,
+            "rounds": t.rounds, "drafted": t.drafted, "accepted": t.accepted,
+            "fallbacks": sum(t.fallbacks.values()),
+            "acceptance": t.accepted / t.drafted if t.drafted else None,
+            "recent_acceptance": recent_a / recent_d if recent_d else None,
+            "tokens_per_round": t.tokens / t.rounds if t.rounds else None,
+            "mean_draft_ms": (1000 * t.draft_seconds / t.draft_calls
+                              if t.draft_calls else None),
+            "mean_verify_ms": 1000 * t.verify_seconds / t.rounds if t.rounds else None,
+        }
+
+    def prometheus(self) -> bytes:
+        """``/metrics``: every series, in Prometheus' text format (:attr:`content_type`)."""
+        return generate_latest(self._registry)
+
+    def collect(self) -> Iterable[Metric]:
+        """The series read from the totals (called by the registry at each scrape)."""
+        t, since = self._totals, self._started
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, value=value, created=since)
+
+        yield counter("tightwad_tokens_generated", "Completion tokens sent to clients",
+                      t.tokens)
+        yield counter("tightwad_draft_tokens", "Tokens proposed by the drafter and verified",
+                      t.drafted)
+        yield counter("tightwad_accepted_tokens", "Drafted tokens the target accepted",
+                      t.accepted)
+        yield GaugeMetricFamily("tightwad_acceptance_ratio", "Accepted / drafted tokens since "
+                                "start (llama.cpp's 'draft acceptance')",
+                                value=t.accepted / t.drafted if t.drafted else 0.0)
+        yield counter("tightwad_rounds", "Verify rounds (draft + one target pass)", t.rounds)
+        fallbacks = CounterMetricFamily("tightwad_drafter_fallbacks", "Rounds run target-only "
+                                        "because the drafter failed or was unavailable",
+                                        labels=["reason"])
+        for reason, count in t.fallbacks.items():
+            fallbacks.add_metric([reason], count, created=self._fallback_since[reason])
+        yield fallbacks
+        yield GaugeMetricFamily("tightwad_speculation_active", "1 when remote drafting is on "
+                                "(mode remote, tokenizers match, verify supported)",
+                                value=1.0 if self._speculation_active() else 0.0)

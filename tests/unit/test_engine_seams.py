@@ -1,0 +1,267 @@
+"""The engine's seams without llama-servers: an :class:`Engine` over a fake
+:class:`~tightwad.engine.servers.Servers` (a toy model on both sides), the drafter fallback
+policy of the real ``Servers`` against servers that refuse connections, :class:`Telemetry`
+feeding both the status JSON and Prometheus from one call, and the verify-limit parser of
+:mod:`tightwad.llamaserver.wire`."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from tightwad.config import Config, parse_config
+from tightwad.decoding.sampling import SamplingParams
+from tightwad.decoding.tokens import Position, TokenLogprob
+from tightwad.engine.engine import Engine, Failed, Finished, GenerationRequest, TextDelta
+from tightwad.engine.servers import Drafted, DrafterGate, NoDraft, Servers, TargetInfo
+from tightwad.engine.telemetry import Round, Telemetry
+from tightwad.llamaserver.wire import Completion, CompletionRequest, Props, verify_limit_in
+
+VOCAB = 26  # token i is the letter chr(97 + i); the toy model counts up the alphabet
+
+
+def toy_next(context: Sequence[int]) -> int:
+    return (context[-1] + 1) % VOCAB
+
+
+def _entry(token: int) -> TokenLogprob:
+    return TokenLogprob(token, chr(97 + token).encode(), 0.0)
+
+
+def _position(context: Sequence[int], token: int) -> Position:
+    """``token`` at the position after ``context``, with the toy model's choice as its top."""
+    return Position(_entry(token), (_entry(toy_next(context)),))
+
+
+class FakeServers(Servers):
+    """The toy model as target; the drafter answers with ``draft_mode``: ``down`` (every
+    draft falls back), ``right`` (drafts what the target would say) or ``wrong``."""
+
+    def __init__(self, config: Config, draft_mode: str) -> None:
+        super().__init__(config)
+        self.draft_mode = draft_mode
+        self.leased: list[int] = []
+        self.target_info_value = TargetInfo(
+            Props(total_slots=1, n_ctx=64, model="toy.gguf", bos_token="", eos_token="",
+                  chat_template="", build_info="", n_vocab=VOCAB),
+            eog=frozenset(), verify_limit=8, verify_note="ok")
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def speculation_active(self) -> bool:
+        return True
+
+    def speculation_possible(self, info: TargetInfo) -> bool:
+        return True
+
+    async def target_info(self) -> TargetInfo:
+        return self.target_info_value
+
+    async def lease_target_slot(self, prompt: Sequence[int]) -> int:
+        self.leased.append(0)
+        return 0
+
+    def release_target_slot(self, slot: int, prompt: Sequence[int]) -> None:
+        self.leased.remove(slot)
+
+    def try_lease_drafter_slot(self, prompt: Sequence[int]) -> int | None:
+        return 0
+
+    def release_drafter_slot(self, slot: int, prompt: Sequence[int]) -> None:
+        pass
+
+    async def verify(self, context: Sequence[int], draft: Sequence[int], *, scored: int = 0,
+                     sampling: SamplingParams = SamplingParams(temperature=0.0),
+                     seed: int | None = None, n_probs: int = 1, id_slot: int = -1,
+                     ignore_eos: bool = False) -> Completion:
+        seq = [*context, *draft]
+        first = len(seq) - scored - len(draft)
+        after = toy_next(seq)
+        return Completion(
+            tokens=(after,), content=chr(97 + after), stop_type="limit",
+            probs=(_position(seq, after),),
+            prompt_probs=tuple(_position(seq[:i], seq[i]) for i in range(first, len(seq))),
+            has_prompt_probs=True)
+
+    async def draft(self, request: CompletionRequest) -> Drafted | NoDraft:
+        if self.draft_mode == "down":
+            return NoDraft("down", retry=True)
+        seq = list(request.prompt)
+        for _ in range(request.n_predict):
+            nxt = toy_next(seq)
+            seq.append(nxt if self.draft_mode == "right" else (nxt + 1) % VOCAB)
+        tokens = tuple(seq[len(request.prompt):])
+        return Drafted(Completion(tokens=tokens, content="", stop_type="limit"), 0.001)
+
+
+def _config(**speculation: Any) -> Config:
+    return parse_config({"speculation": {"mode": "remote", "k_max": 4, **speculation}}, env={})
+
+
+def _generate(engine: Engine, prompt: Sequence[int], max_tokens: int) -> tuple[str, Finished]:
+    async def main() -> tuple[str, Finished]:
+        text: list[str] = []
+        async for event in engine.generate(GenerationRequest(tuple(prompt), max_tokens)):
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, Failed):
+                raise AssertionError(event)
+            else:
+                return "".join(text), event
+        raise AssertionError("no Finished event")
+
+    return asyncio.run(main())
+
+
+def _metric(engine: Engine, line_start: str) -> float:
+    text = engine.telemetry.prometheus().decode()
+    return float(next(line for line in text.splitlines()
+                      if line.startswith(line_start)).split()[-1])
+
+
+def test_a_failing_drafter_gives_the_target_alone_output_and_counted_fallbacks() -> None:
+    servers = FakeServers(_config(), "down")
+    engine = Engine(_config(), servers=servers)
+    text, finished = _generate(engine, [0], 6)
+    assert text == "bcdefg"
+    assert (finished.reason, finished.completion_tokens) == ("length", 6)
+    stats = finished.stats
+    # one token per round; the last round wants no draft (k = 0 with one token left to go)
+    assert stats.drafted == 0 and stats.rounds == 6 and stats.fallbacks == 5
+    status = engine.status()["stats"]
+    assert status["fallbacks"] == 5 and status["drafted"] == 0 and status["tokens"] == 6
+    assert _metric(engine, 'tightwad_drafter_fallbacks_total{reason="down"}') == 5
+    assert servers.leased == [], "the target slot was not released"
+
+
+@pytest.mark.parametrize("mode", ["right", "wrong"])
+def test_drafts_change_speed_only(mode: str) -> None:
+    engine = Engine(_config(), servers=FakeServers(_config(), mode))
+    text, finished = _generate(engine, [0], 10)
+    assert text == "bcdefghijk"
+    stats = finished.stats
+    assert stats.fallbacks == 0 and stats.drafted > 0
+    assert (stats.accepted == stats.drafted) if mode == "right" else stats.accepted == 0
+    assert stats.rounds < 10 if mode == "right" else stats.rounds == 10
+    assert engine.status()["stats"]["accepted"] == stats.accepted
+    assert _metric(engine, "tightwad_accepted_tokens_total") == stats.accepted
+
+
+def test_a_prompt_longer_than_the_context_is_refused_and_counted() -> None:
+    engine = Engine(_config(), servers=FakeServers(_config(), "right"))
+
+    async def main() -> list[Any]:
+        return [e async for e in engine.generate(GenerationRequest(tuple(range(64)), 4))]
+
+    [event] = asyncio.run(main())
+    assert isinstance(event, Failed) and event.code == "context_length_exceeded"
+    assert engine.status()["stats"]["requests"] == 1 and engine.status()["stats"]["failed"] == 1
+
+
+# -- the drafter fallback policy of the real Servers ----------------------------------------
+
+
+def _refused_url() -> str:
+    """A loopback address where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_a_drafter_that_cannot_be_checked_falls_back_then_waits_out_its_backoff() -> None:
+    config = parse_config({"target": {"url": _refused_url()},
+                           "drafter": {"url": _refused_url()},
+                           "speculation": {"mode": "remote"}}, env={})
+
+    async def main() -> tuple[list[Drafted | NoDraft], dict[str, Any]]:
+        servers = Servers(config)
+        await servers.start()  # both down: not fatal
+        try:
+            request = CompletionRequest(prompt=[1, 2], n_predict=2, id_slot=0)
+            first = await servers.draft(request)  # the tokenizer check fails: gate closes
+            second = await servers.draft(request)  # within the backoff: no call at all
+            return [first, second], servers.status()
+        finally:
+            await servers.close()
+
+    answers, status = asyncio.run(main())
+    assert answers == [NoDraft("down", retry=True), NoDraft("down", retry=True)]
+    assert status["drafter"]["available"] is False and status["drafter"]["last_error"]
+    assert not status["speculation_active"]
+
+
+def test_the_drafter_gate_backs_off_and_resets() -> None:
+    gate = DrafterGate(first_s=10.0)
+    assert gate.open() and not gate.failing
+    gate.failed("refused")
+    assert not gate.open() and gate.failing and gate.last_error == "refused"
+    gate.reset()
+    assert gate.open() and not gate.failing
+
+
+# -- telemetry ------------------------------------------------------------------------------
+
+
+def test_one_round_feeds_the_request_the_status_and_prometheus() -> None:
+    active = [True]
+    telemetry = Telemetry(lambda: active[0])
+    stats = telemetry.request_started("remote")
+    telemetry.on_round(stats, Round(drafted=4, accepted=3, tokens=4, draft_seconds=0.01,
+                                    verify_seconds=0.02))
+    telemetry.on_fallback(stats, "busy")
+    telemetry.on_http_answer("/v1/completions", 200)
+
+    assert (stats.rounds, stats.drafted, stats.accepted, stats.tokens, stats.fallbacks) == (
+        1, 4, 3, 4, 1)
+    status = telemetry.status()
+    assert {k: status[k] for k in ("requests", "rounds", "drafted", "accepted", "tokens",
+                                   "fallbacks")} == {"requests": 1, "rounds": 1, "drafted": 4,
+                                                     "accepted": 3, "tokens": 4, "fallbacks": 1}
+    assert status["acceptance"] == status["recent_acceptance"] == 0.75
+    assert status["mean_draft_ms"] == pytest.approx(10.0)
+    assert status["mean_verify_ms"] == pytest.approx(20.0)
+
+    series = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in telemetry.prometheus().decode().splitlines()
+              if line and not line.startswith("#")}
+    assert series["tightwad_rounds_total"] == 1
+    assert series["tightwad_draft_tokens_total"] == 4
+    assert series["tightwad_accepted_tokens_total"] == 3
+    assert series["tightwad_tokens_generated_total"] == 4
+    assert series["tightwad_acceptance_ratio"] == 0.75
+    assert series['tightwad_drafter_fallbacks_total{reason="busy"}'] == 1
+    assert series['tightwad_requests_total{endpoint="/v1/completions",status="200"}'] == 1
+    assert series["tightwad_verify_seconds_count"] == 1
+    assert series["tightwad_speculation_active"] == 1.0
+    active[0] = False
+    assert b"tightwad_speculation_active 0.0" in telemetry.prometheus()
+
+
+def test_status_keys_stay_those_clients_read() -> None:
+    assert set(Telemetry().status()) == {
+        "requests", "failed", "tokens", "rounds", "drafted", "accepted", "fallbacks",
+        "acceptance", "recent_acceptance", "tokens_per_round", "mean_draft_ms",
+        "mean_verify_ms"}
+
+
+# -- llama-server's verify limit ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("message", "limit"), [
+    ("prompt_logprobs (33) exceeds the server limit (32), see --verify-max-tokens", 32),
+    ("prompt_logprobs (9) exceeds the server limit (0), see --verify-max-tokens", 0),
+    ("prompt_logprobs is not supported", None),
+    ("the server limit (abc)", None),
+    ("the server limit (", None),
+])
+def test_verify_limit_in_a_refusal(message: str, limit: int | None) -> None:
+    assert verify_limit_in(message) == limit
