@@ -206,7 +206,7 @@ def assert_clean(prefix: str) -> None:
 
 CRASHER = textwrap.dedent("""\
     import os, sys
-    from tightwad.testing import hosts as th
+    from tightwad_dev import hosts as th
     group = th.HostGroup(["solo"], prefix=sys.argv[1]).start()
     print("up", flush=True)
     os.kill(os.getpid(), 9)
@@ -230,7 +230,7 @@ def test_leftovers_of_a_crashed_run_are_removed():
 
 HOLDER = textwrap.dedent("""\
     import sys, time
-    from tightwad.testing import hosts as th
+    from tightwad_dev import hosts as th
     with th.HostGroup(["solo"], prefix=sys.argv[1]):
         print("up", flush=True)
         time.sleep(300)
