@@ -14,16 +14,28 @@ ONE run, the same prompts and the same link profile for every configuration:
 - ``e``  the original Tightwad 0.5.4 proxy (its own virtualenv) against the same pool and drafter.
 
 Draft lengths k in ``--ks`` for c, c2 and d, plus each one's own choice (d: the adaptive rule;
-c/c2: llama.cpp's default ``--spec-draft-n-max``); concurrency ``--concurrency`` streams for a,
-b, c and d. Every request is greedy (temperature 0, ``ignore_eos``) with ``--tokens`` tokens.
+c/c2: llama.cpp's default ``--spec-draft-n-max``); concurrency ``--concurrency`` streams for b,
+c (default k) and d (adaptive), with p50/p99 latency and a steady-state round profile under
+load (coordinator batches per second, tokens, RPC round trips and bytes per batch). Every
+request is greedy (temperature 0, ``ignore_eos``) with ``--tokens`` tokens.
+
+Two model pairs (``--vocab``): the small byte-level vocabulary (429 tokens), or a real 128k
+vocabulary (Llama 3's llama-bpe from the pinned tree), where a verify's logits payload and the
+draft's own output matrix are reported apart.
+
+Method: configurations are interleaved (each repetition visits every configuration once, in a
+rotated order), each visit on a freshly started coordinator (and proxy); the link relays run in
+a process of their own; medians come with bootstrap 95% confidence intervals and absolute
+ms/token; the issues' targets are printed as measured PASS/MISS lines.
 
 Measured per configuration: generated tok/s and time to first token (median and quartiles over
 prompts x repetitions), acceptance (accepted/drafted) and tokens per verify round, RPC round
 trips and bytes per generated token (from the relays), ratios to (b). For c and d: the
 Leviathan bound S = E(a, k) / (k c + 1) for the measured per-position agreement a and cost
-ratio c (:mod:`tightwad_dev.benchmath`), and efficiency = measured / predicted. Greedy outputs are
-compared with (a)'s. A profile of one remote-draft round splits its time into draft, network,
-verify and proxy overhead.
+ratio c (:mod:`tightwad_dev.benchmath`), and efficiency = measured / predicted; beside it, the
+bound from the measured component costs (draft call, verify of k tokens). Greedy outputs are
+compared with (a)'s. A profile of one round per k times the draft call and the verify, and
+counts the verify's RPC bytes.
 
 Writes JSON (``--json``), a plot (``--plot``) and a markdown report (``--markdown``)::
 
@@ -52,13 +64,21 @@ from benchenv import binary_version, llama_binaries, machine_info
 from poolbench.plot import write_plot
 from poolbench.report import write_markdown
 from poolbench.scenarios import log, measure_all
-from poolbench.services import legacy_venv
-from poolbench.settings import DEFAULT_LEGACY_VENV, LABELS, LEGACY_VERSION, PROMPTS, SLOTS, VERIFY_MAX_TOKENS
+from poolbench.services import coordinator_args, drafter_args, legacy_venv, pool_args
+from poolbench.settings import (
+    DEFAULT_LEGACY_VENV,
+    FULL_RUN,
+    LABELS,
+    LEGACY_VERSION,
+    PROMPTS,
+    SLOTS,
+    VERIFY_MAX_TOKENS,
+)
 from poolbench.summary import finish
 from poolbench.tables import config_table
 
 from tightwad import build as llama_build
-from tightwad_dev.benchmodels import BenchPair, ensure_bench_models
+from tightwad_dev.benchmodels import BenchPair, ensure_bench_models, ensure_real_vocab_models
 from tightwad_dev.linkemu import PROFILES, LinkProfile, adjust_profile
 
 
@@ -67,14 +87,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="wifi", choices=list(PROFILES),
                    help="link emulated to every worker and to the drafter (default wifi)")
-    p.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
-    p.add_argument("--prompts", type=int, default=4,
+    p.add_argument("--vocab", default="byte-bpe", choices=("byte-bpe", "llama-bpe"),
+                   help="the model pair: small byte-level vocabulary (429 tokens, default) or "
+                        "the real 128k llama-bpe one")
+    p.add_argument("--tiny-models", action="store_true",
+                   help="with --vocab llama-bpe: the demo pair (8 layers x 128), for smoke tests")
+    p.add_argument("--tokens", type=int, default=FULL_RUN["tokens"],
+                   help="generated tokens per request")
+    p.add_argument("--prompts", type=int, default=FULL_RUN["prompts"],
                    help=f"how many of the {len(PROMPTS)} built-in prompts")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions per prompt")
-    p.add_argument("--ks", default="1,2,4,8,16,32", help="draft lengths of the sweep")
-    p.add_argument("--concurrency", default="1,4,8", help="simultaneous streams")
+    p.add_argument("--reps", type=int, default=FULL_RUN["reps"],
+                   help="repetitions (each visits every configuration once, interleaved)")
+    p.add_argument("--ks", default=",".join(map(str, FULL_RUN["ks"])),
+                   help="draft lengths of the sweep")
+    p.add_argument("--concurrency", default=",".join(map(str, FULL_RUN["concurrency"])),
+                   help="simultaneous streams (for b, c and d)")
     p.add_argument("--configs", default="a,b,c,c2,d,e", help="which configurations to run")
-    p.add_argument("--workers", type=int, default=4, help="RPC workers of the pool")
+    p.add_argument("--workers", type=int, default=FULL_RUN["workers"],
+                   help="RPC workers of the pool")
     p.add_argument("--threads", type=int, default=1, help="threads per llama.cpp process")
     p.add_argument("--legacy-venv", type=Path, default=Path(DEFAULT_LEGACY_VENV),
                    help=f"virtualenv holding tightwad {LEGACY_VERSION} for (e)")
@@ -86,6 +116,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", type=Path, help="write the markdown report")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="measure nothing: write --plot and --markdown from a saved --json")
+    p.add_argument("--beside", type=Path, metavar="JSON",
+                   help="with --render: another run (the other vocabulary) shown in its own "
+                        "section")
     p.add_argument("--also", type=Path, action="append", default=[], metavar="JSON",
                    help="with --render: other runs' JSON, compared in a repeatability table")
     p.add_argument("--keep-logs", action="store_true",
@@ -96,6 +129,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.configs = [c for c in args.configs.split(",") if c]
     if unknown := set(args.configs) - set(LABELS):
         p.error(f"unknown configurations: {sorted(unknown)}")
+    if args.tiny_models and args.vocab != "llama-bpe":
+        p.error("--tiny-models goes with --vocab llama-bpe")
     if not {"a", "b"} <= set(args.configs):
         p.error("(a) and (b) are the references: --configs must include a and b")
     if not all(1 <= k <= VERIFY_MAX_TOKENS for k in args.ks):
@@ -113,6 +148,9 @@ def render(args: argparse.Namespace) -> int:
     result["json_path"] = "" if args.render.is_absolute() else str(args.render)
     result["repeats"] = [json.loads(path.read_text()) for path in args.also]
     result["repeat_paths"] = [str(path) for path in args.also if not path.is_absolute()]
+    if args.beside:
+        result["beside"] = json.loads(args.beside.read_text())
+        result["beside_path"] = "" if args.beside.is_absolute() else str(args.beside)
     print(config_table(result), flush=True)
     write_reports(result, args)
     return 0
@@ -134,7 +172,10 @@ def new_result(args: argparse.Namespace, command: str, machine: dict[str, Any],
                                             if k not in ("legacy_venv", "bin_dir", "json",
                                                          "plot", "markdown",
                                                          "keep_logs", "render",
-                                                         "also")}},
+                                                         "also", "install_legacy",
+                                                         "beside")}},
+        "pool_args": pool_args(), "coordinator_args": coordinator_args(),
+        "drafter_args": drafter_args(),
         "machine": machine, "link": profile.describe(),
         "llama_cpp": f"{binary_version(bin_dir / 'llama-server')}, build {build_name}",
         "models": {
@@ -157,7 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                           *(sys.argv[1:] if argv is None else argv)])
     cache = llama_build.default_cache_dir()
     bin_dir, build_name = llama_binaries(args.bin_dir, cache)
-    pair = ensure_bench_models(cache / "models")
+    if args.vocab == "llama-bpe":
+        pair = ensure_real_vocab_models(cache / "models",
+                                        llama_build.fetch_source(cache) / "models",
+                                        tiny=args.tiny_models)
+    else:
+        pair = ensure_bench_models(cache / "models")
     profile = adjust_profile(args.profile)
     machine = machine_info()
     venv, legacy_why = (None, "not requested")
@@ -177,6 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"done in {result['elapsed_s'] / 60:.1f} min")
     print(config_table(result), flush=True)
     print(json.dumps(result["headline"], indent=1), flush=True)
+    for issue, lines in result["targets"].items():
+        for t in lines:
+            verdict = {True: "PASS", False: "MISS", None: "not measured"}[t["pass"]]
+            print(f"issue {issue}: {t['name']}: {t['value']} (wanted {t['op']} "
+                  f"{t['threshold']}): {verdict}", flush=True)
     result["json_path"] = str(args.json) if args.json and not args.json.is_absolute() else ""
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

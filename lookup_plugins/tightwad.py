@@ -1,11 +1,14 @@
-"""``lookup('tightwad', 'pin' | 'build_script' | 'source_dir')``: what the controller's tightwad
-package knows, so the roles reach into no Python source tree by relative paths.
+"""``lookup('tightwad', 'pin' | 'build_script' | 'patches_dir' | 'source_dir')``: what the
+controller's tightwad package knows, so the roles reach into no Python source tree by relative
+paths.
 
 - ``pin``: the llama.cpp commit every host runs (``tightwad.build.PIN_COMMIT``).
 - ``build_script``: ``tightwad/build.py`` itself, the one file a remote build host gets.
+- ``patches_dir``: the llama.cpp patches the package ships (``tightwad/patches/llama.cpp``), so
+  they always match the installed build logic.
 - ``source_dir``: the checkout the package was installed from (``pip install .`` or ``-e .``;
-  pip records it in the distribution's ``direct_url.json``, PEP 610): the llama.cpp patches and
-  the proxy's wheel come from there, so they always match the installed build logic.
+  pip records it in the distribution's ``direct_url.json``, PEP 610): the proxy's wheel is
+  built from there.
 
 The controller's Ansible runs in the Python tightwad is installed in (docs/deploy.md).
 """
@@ -38,9 +41,8 @@ def source_dir() -> Path:
     if "dir_info" not in info or path is None or not path.is_dir():
         raise AnsibleLookupError(
             "the controller's tightwad was not installed from a checkout (pip install . or "
-            "pip install -e . in a Tightwad checkout), so there are no llama.cpp patches and no "
-            "proxy source to ship: install it from a checkout, or set llama_cpp_patches_dir and "
-            "proxy_source_dir")
+            "pip install -e . in a Tightwad checkout), so there is no proxy source to ship: "
+            "install it from a checkout, or set proxy_source_dir")
     return path
 
 
@@ -53,10 +55,12 @@ def answer(term: str) -> str:
         return build.PIN_COMMIT
     if term == "build_script":
         return str(Path(build.__file__).resolve())
+    if term == "patches_dir":
+        return str(build.default_patches_dir())
     if term == "source_dir":
         return str(source_dir())
-    raise AnsibleLookupError(f"lookup('tightwad', {term!r}): ask for pin, build_script or "
-                             "source_dir")
+    raise AnsibleLookupError(f"lookup('tightwad', {term!r}): ask for pin, build_script, "
+                             "patches_dir or source_dir")
 
 
 class LookupModule(LookupBase):

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tightwad import build as llama_build
+from tightwad.pool import localpool
 from tightwad.pool.procs import LlamaServer, Proc, ProcessGroup, RpcWorker
 from tightwad_dev.inproc import PROXY_SLOTS, VERIFY_MAX_TOKENS, ProxyThread, proxy_config
 from tightwad_dev.models import ModelSet, ensure_models
@@ -27,7 +28,7 @@ def cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def llama(cache_dir: Path) -> llama_build.Build:
-    """The CPU build of the pin with every patch in patches/llama.cpp (built once, then cached)."""
+    """The CPU build of the pin with every patch the package ships (built once, then cached)."""
     return llama_build.ensure_build("cpu", cache=cache_dir)
 
 
@@ -120,13 +121,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 @pytest.fixture(scope="module")
 def spec_pool(bin_dir: Path, models: ModelSet,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    """A 2-worker pool whose coordinator verifies drafts (--verify-max-tokens) with 4 slots,
-    and a drafter with as many slots."""
+    """A 2-worker pool whose coordinator runs as the product runs it (verifies, top-n on the
+    device: localpool.coordinator_args) with 4 slots, and a drafter with as many slots."""
     with _group(bin_dir, tmp_path_factory, "spec-pool") as group:
         workers = [group.rpc_worker(name=f"worker{i}") for i in range(2)]
         coordinator = group.llama_server(
             models.target, name="coordinator", rpc=workers, slots=PROXY_SLOTS,
-            args=["--verify-max-tokens", str(VERIFY_MAX_TOKENS)])
+            args=localpool.coordinator_args(VERIFY_MAX_TOKENS))
         drafter = group.llama_server(models.draft, name="drafter", slots=PROXY_SLOTS)
         yield Pool(group, workers, coordinator, drafter)
 

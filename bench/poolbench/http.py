@@ -6,7 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ class Stream:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)  # last JSON object with stats
+    n_tokens: int = 0  # token ids seen so far (llama-server streams only), read live
 
     @property
     def elapsed(self) -> float:
@@ -38,10 +39,13 @@ def _connection(url: str, timeout: float) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(host, int(port), timeout=timeout)
 
 
-def stream_post(url: str, path: str, body: dict[str, Any], timeout: float = 600) -> Stream:
+def stream_post(url: str, path: str, body: dict[str, Any], timeout: float = 600,
+                on_first: Callable[[Stream], None] | None = None) -> Stream:
     """POST with ``stream: true`` and read the SSE answer (llama-server or OpenAI shapes).
     Unlike :func:`tightwad_dev.clients.stream` this needs no ``[DONE]`` (llama-server's
-    /completion stream ends without one) and times the first chunk carrying output."""
+    /completion stream ends without one) and times the first chunk carrying output;
+    ``on_first`` is called then with the stream being read, so its counters can be read live
+    (the steady-state window of a batch starts when every stream has called it)."""
     conn = _connection(url, timeout)
     out = Stream(started=time.perf_counter())
     try:
@@ -66,10 +70,13 @@ def stream_post(url: str, path: str, body: dict[str, Any], timeout: float = 600)
             else:  # llama-server /completion chunk
                 piece = obj.get("content") or ""
                 out.token_ids += obj.get("tokens") or []
+                out.n_tokens = len(out.token_ids)
                 if obj.get("stop"):
                     out.final = obj
             if out.first is None and (piece or obj.get("tokens")):
                 out.first = time.perf_counter()
+                if on_first is not None:
+                    on_first(out)
             out.text += piece
         out.ended = time.perf_counter()
     finally:
@@ -102,7 +109,8 @@ def post_json(url: str, path: str, body: Any, timeout: float = 300) -> Any:
 
 
 def prometheus_sums(url: str, names: Sequence[str]) -> dict[str, float]:
-    """Unlabelled samples of the proxy's /metrics (Prometheus text format)."""
+    """Unlabelled samples of a /metrics page (Prometheus text format: the proxy's, or
+    llama-server's with ``--metrics``)."""
     text = _get(url, "/metrics", 30).decode()
     found = dict.fromkeys(names, 0.0)
     for line in text.splitlines():

@@ -17,7 +17,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["summary"]["rows"] if r["streams"] == 1]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (left, right, third) = plt.subplots(1, 3, figsize=(18, 5))
     bars = []
     for config in ("a", "b", "c", "c2", "d", "e"):
         mine = [r for r in rows if r["config"] == config]
@@ -64,6 +64,18 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     right.set_ylabel("generated tok/s (median)")
     right.set_title("k sweep against the Leviathan bound")
     right.legend(fontsize=7, loc="upper left")
+
+    for config, k, marker in (("b", "-", "s"), ("c", "default", "^"), ("d", ADAPTIVE, "o")):
+        pts = sorted((r["streams"], r["tok_s"]["median"]) for r in result["summary"]["rows"]
+                     if r["config"] == config and r["k"] == k)
+        if pts:
+            third.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
+                       label=f"({config})" + ("" if k == "-" else f" k {k}"))
+    third.set_xscale("log", base=2)
+    third.set_xlabel("simultaneous streams")
+    third.set_ylabel("aggregate tok/s (median)")
+    third.set_title("Concurrency")
+    third.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

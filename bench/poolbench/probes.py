@@ -8,8 +8,10 @@ from typing import Any
 
 from tightwad.pool.procs import LlamaServer
 from tightwad_dev import benchmath as bm
+from tightwad_dev.linkemu import LinkStats
 
 from .http import post_json
+from .relayproc import RelayProcess
 from .settings import VERIFY_MAX_TOKENS
 
 
@@ -44,15 +46,30 @@ def draft_step_ms(drafter: LlamaServer, prompts: list[tuple[str, list[int]]],
     return bm.spread(per_token)
 
 
+def profile_rounds(single: LlamaServer, coordinator: LlamaServer, drafter_url: str,
+                   relays: RelayProcess, n_pool: int, prompts: list[tuple[str, list[int]]],
+                   reference: dict[int, list[int]], ks: list[int],
+                   reps: int) -> dict[str, Any]:
+    """The parts of one round per k, timed by hand: a draft of k tokens through the drafter's
+    link, a verify of context + k on the pooled coordinator (wall time, and the RPC bytes and
+    round trips it moved, counted by the relays), and the same verify on the single server
+    (the compute alone, no network). Each k's shapes run once untimed first (a warm graph)."""
+    return {"per_k": {str(k): profile_round(single, coordinator, drafter_url, relays, n_pool,
+                                            prompts, reference, k, reps) for k in ks}}
+
+
 def profile_round(single: LlamaServer, coordinator: LlamaServer, drafter_url: str,
-                  prompts: list[tuple[str, list[int]]], reference: dict[int, list[int]],
-                  k: int, reps: int) -> dict[str, Any]:
-    """Time the parts of one remote-draft round by hand: a draft of k tokens through the
-    drafter's link, a verify of context + k on the pooled coordinator, and the same verify on
-    the single server (the compute alone, no network)."""
+                  relays: RelayProcess, n_pool: int, prompts: list[tuple[str, list[int]]],
+                  reference: dict[int, list[int]], k: int, reps: int) -> dict[str, Any]:
+    """One k of :func:`profile_rounds`: medians over prompts x ``reps`` after a warm-up."""
     rows: dict[str, list[float]] = {key: [] for key in (
         "draft_wall_ms", "draft_server_ms", "verify_wall_ms", "verify_server_ms",
-        "verify_compute_ms", "verify_prompt_n", "draft_decode_ms_per_token")}
+        "verify_compute_ms", "verify_prompt_n", "draft_decode_ms_per_token",
+        "verify_rpc_bytes_down", "verify_rpc_bytes_up", "verify_rpc_round_trips")}
+
+    def pool_traffic() -> LinkStats:
+        return sum(relays.stats()[:n_pool], LinkStats())
+
     for rep in range(reps + 1):
         for i, (_, ids) in enumerate(prompts):
             ctx = ids + reference[i][: len(reference[i]) // 2]
@@ -66,11 +83,15 @@ def profile_round(single: LlamaServer, coordinator: LlamaServer, drafter_url: st
             verify = {"prompt": ctx + draft, "n_predict": 1, "temperature": 0, "n_probs": 1,
                       "prompt_logprobs": len(draft), "cache_prompt": True, "id_slot": 0}
             walls = []
+            traffic = LinkStats()
             for server in (coordinator, single):
                 server.post("/completion", {**verify, "prompt": ctx, "prompt_logprobs": 0})
+                before = pool_traffic() if server is coordinator else LinkStats()
                 t0 = time.perf_counter()
                 res = server.post("/completion", verify)
                 walls.append(((time.perf_counter() - t0) * 1e3, res["timings"]))
+                if server is coordinator:
+                    traffic = pool_traffic() - before
             if rep == 0:
                 continue  # warm-up
             rows["draft_wall_ms"].append(draft_wall)
@@ -82,4 +103,7 @@ def profile_round(single: LlamaServer, coordinator: LlamaServer, drafter_url: st
             rows["verify_prompt_n"].append(walls[0][1]["prompt_n"])
             rows["draft_decode_ms_per_token"].append(
                 d["timings"]["predicted_ms"] / max(1, d["timings"]["predicted_n"]))
+            rows["verify_rpc_bytes_down"].append(traffic.bytes_down)
+            rows["verify_rpc_bytes_up"].append(traffic.bytes_up)
+            rows["verify_rpc_round_trips"].append(traffic.round_trips)
     return {"k": k, **{key: bm.spread(v) for key, v in rows.items()}}

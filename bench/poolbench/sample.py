@@ -25,6 +25,15 @@ class Sample:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)
+    # Each request's wall time (one entry for one stream; one per stream for a batch).
+    latencies_s: list[float] = field(default_factory=list)
+    # A batch's steady-state window: from the moment every stream has its first token to the
+    # moment the first one ends (seconds, RPC traffic, coordinator batches, tokens); None when
+    # the window was empty (a stream ended before another started).
+    window: dict[str, float | None] | None = None
+    # A batch's streams whose text equals the same configuration's solo text for their prompt.
+    solo_same: int | None = None
+    solo_different: int | None = None
 
     @property
     def tok_s(self) -> float:

@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tightwad import defaults
+from tightwad.pool import localpool
 from tightwad.pool.procs import HttpService, LlamaServer, ProcessGroup, free_port
 
 from .http import get_json
@@ -26,10 +28,33 @@ def stopping(proc: Any) -> Iterator[Any]:
         proc.stop()
 
 
+def pool_args() -> list[str]:
+    """What every llama-server of the benchmark runs with, as a deployed one does:
+    :meth:`ProcessGroup.llama_server` adds ``tightwad.defaults.LLAMA_SERVER_ARGS`` itself; this
+    names them for the report."""
+    return list(defaults.LLAMA_SERVER_ARGS)
+
+
+def coordinator_args() -> list[str]:
+    """What the product's coordinator runs with (:func:`tightwad.pool.localpool.coordinator_args`),
+    plus ``--metrics`` for the round profile (``llamacpp:n_decode_total``)."""
+    return [*localpool.coordinator_args(VERIFY_MAX_TOKENS), "--metrics"]
+
+
+def drafter_args() -> list[str]:
+    """What the product's drafter runs with, where the local pool defines it; else only the
+    verify limit (the agreement probe scores draft positions through the verify API)."""
+    product = getattr(localpool, "drafter_args", None)
+    extra = list(product()) if callable(product) else []
+    if "--verify-max-tokens" not in extra:
+        extra += ["--verify-max-tokens", str(VERIFY_MAX_TOKENS)]
+    return extra
+
+
 def start_coordinator(group: ProcessGroup, model: Path, rpc: Sequence[str], name: str,
                       extra: Sequence[str] = ()) -> LlamaServer:
     return group.llama_server(model, name=name, rpc=rpc, ctx=CTX, slots=SLOTS, timeout=900,
-                              args=["--verify-max-tokens", str(VERIFY_MAX_TOKENS), *extra])
+                              args=[*coordinator_args(), *extra])
 
 
 def native_spec_args(config: str, k: str, draft: Path, n_workers: int) -> tuple[list[str], bool]:

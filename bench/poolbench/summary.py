@@ -68,9 +68,14 @@ def group_row(config: str, k: str, streams: int, ss: list[Sample]) -> dict[str, 
     draft_rt = sum(s.draft_link["round_trips"] for s in ss)
     draft_bytes = sum(s.draft_link["bytes_up"] + s.draft_link["bytes_down"] for s in ss)
     ttfts = [s.ttft_s for s in ss if s.ttft_s is not None]
+    latencies = [t for s in ss for t in s.latencies_s]
     row: dict[str, Any] = {
         "config": config, "k": k, "streams": streams, "n": len(ss),
         "tok_s": bm.spread([s.tok_s for s in ss]),
+        # Request time per generated token (one stream), or a batch's wall time per token of
+        # all its streams (several): the inverse of tok/s, in absolute terms.
+        "ms_per_token": bm.spread([1e3 * s.elapsed_s / s.tokens for s in ss]),
+        "latency_ms": bm.latency([1e3 * t for t in latencies]) if latencies else None,
         "ttft_ms": bm.spread([t * 1e3 for t in ttfts]) if ttfts else None,
         "tokens": tokens, "drafted": drafted, "accepted": accepted,
         "acceptance": bm.draft_acceptance(accepted, drafted) if drafted else None,
@@ -80,6 +85,11 @@ def group_row(config: str, k: str, streams: int, ss: list[Sample]) -> dict[str, 
         "draft_link_round_trips_per_token": draft_rt / tokens,
         "draft_link_bytes_per_token": draft_bytes / tokens,
     }
+    if streams > 1:
+        row["steady"] = steady_state([s.window for s in ss if s.window])
+        if any(s.solo_same is not None for s in ss):
+            row["solo_same"] = sum(s.solo_same or 0 for s in ss)
+            row["solo_different"] = sum(s.solo_different or 0 for s in ss)
     if config == "d":
         extra = [s.extra for s in ss if s.extra]
         if extra and rounds:
@@ -88,6 +98,49 @@ def group_row(config: str, k: str, streams: int, ss: list[Sample]) -> dict[str, 
             row["elapsed_ms_per_round"] = 1e3 * sum(s.elapsed_s for s in ss) / rounds
             row["fallbacks"] = sum(e["fallbacks"] for e in extra)
     return row
+
+
+def steady_state(windows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The round profile under load from batches' steady-state windows: the coordinator's
+    batches per second, generated tokens per batch, RPC round trips and bytes per batch. A
+    window in which the coordinator ran no batch (too short to see one) says nothing about
+    them and is left out."""
+    windows = [w for w in windows if w["decodes"]]
+    if not windows:
+        return None
+    seconds = sum(w["seconds"] for w in windows)
+    tokens = sum(w["tokens"] for w in windows)
+    decodes = sum(w["decodes"] or 0 for w in windows)
+    rpc_rt = sum(w["rpc_round_trips"] for w in windows)
+    rpc_bytes = sum(w["rpc_bytes"] for w in windows)
+    return {"seconds": seconds, "windows": len(windows), "tok_s": bm.rate(tokens, seconds),
+            "batches_per_s": bm.rate(decodes, seconds) if decodes else None,
+            "tokens_per_batch": tokens / decodes if decodes else None,
+            "rpc_round_trips_per_batch": rpc_rt / decodes if decodes else None,
+            "rpc_bytes_per_batch": rpc_bytes / decodes if decodes else None,
+            "rpc_round_trips_per_token": rpc_rt / tokens if tokens else None,
+            "rpc_bytes_per_token": rpc_bytes / tokens if tokens else None}
+
+
+def apply_component_bound(rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    """(c) and (d) one-stream rows at a profiled k get the bound built from measured component
+    costs (:func:`tightwad_dev.benchmath.component_speedup`): for (d) the draft call through
+    the drafter's link, for (c) k draft tokens at the draft's own cost on the coordinator;
+    both with the measured verify of k tokens on the pool."""
+    per_k = (result.get("profile") or {}).get("per_k", {})
+    costs = result["costs"]
+    for row in rows:
+        k = row.get("k_used") or (int(row["k"]) if row["k"].isdigit() else None)
+        prof = per_k.get(str(k)) if k else None
+        if row["config"] not in ("c", "d") or row["streams"] != 1 or not prof or not row.get(
+                "vs_b"):
+            continue
+        draft_ms = (prof["draft_wall_ms"]["median"] if row["config"] == "d"
+                    else k * costs["draft_ms_per_token"]["median"])
+        bound = bm.component_speedup(result["bound"]["a"], k, costs["pool_ms_per_token"],
+                                     draft_ms, prof["verify_wall_ms"]["median"])
+        row["component_speedup"] = bound
+        row["component_efficiency"] = bm.efficiency(row["vs_b"], bound)
 
 
 def row_k(row: dict[str, Any]) -> int | None:
@@ -130,15 +183,13 @@ def finish(result: dict[str, Any], samples: Sequence[Sample], ks: list[str]) -> 
     summary = summarize(samples, result["bound"]["a"], result["bound"]["c"],
                         ["-", *ks, ADAPTIVE, NATIVE_DEFAULT])
     apply_native_default(summary["rows"], result["native_default_k"], result["bound"])
+    apply_component_bound(summary["rows"], result)
     result["summary"] = summary
     result["a_tok_s"] = next(r["tok_s"]["median"] for r in summary["rows"]
                              if r["config"] == "a" and r["streams"] == 1)
-    result["concurrency_configs"] = ["a", "b", "c", "d"]
-    if result.get("profile"):
-        result["profile"]["proxy_round"] = next(
-            (r for r in summary["rows"] if r["config"] == "d" and r["streams"] == 1
-             and r["k"] == str(result["profile"]["k"]) and "draft_ms_per_round" in r), None)
+    result["concurrency_configs"] = ["b", "c", "d"]
     result["headline"] = headline(result)
+    result["targets"] = targets(result)
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +197,9 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     rows = [r for r in result["summary"]["rows"] if r["streams"] == 1]
 
     def best(config: str) -> dict[str, Any] | None:
-        mine = [r for r in rows if r["config"] == config]
+        # (d)'s best is over the fixed k of the sweep: its adaptive rule is held against it.
+        mine = [r for r in rows if r["config"] == config
+                and (config != "d" or r["k"].isdigit())]
         return max(mine, key=lambda r: r["tok_s"]["median"]) if mine else None
 
     def get(config: str, k: str) -> dict[str, Any] | None:
@@ -173,3 +226,68 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     out["bound_best_k"] = bound["best_k"]
     out["bound_best_speedup"] = bound["best_speedup"]
     return out
+
+
+def _row(result: dict[str, Any], config: str, k: str, streams: int = 1) -> dict[str, Any] | None:
+    return next((r for r in result["summary"]["rows"] if (r["config"], r["k"], r["streams"])
+                 == (config, k, streams)), None)
+
+
+def _tok_s(row: dict[str, Any] | None) -> float | None:
+    return row["tok_s"]["median"] if row else None
+
+
+def targets(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The issues' targets as measured lines (issue 13: many streams; issue 14: real
+    vocabularies), each PASS, MISS or not measured in this run."""
+    h = result["headline"]
+    rows = result["summary"]["rows"]
+    levels = sorted({r["streams"] for r in rows if r["config"] == "d" and r["k"] == ADAPTIVE})
+    many: list[dict[str, Any]] = []
+    for n in levels:
+        d = _tok_s(_row(result, "d", ADAPTIVE, n))
+        b, c = _tok_s(_row(result, "b", "-", n)), _tok_s(_row(result, "c", NATIVE_DEFAULT, n))
+        better = max((x for x in (b, c) if x is not None), default=None)
+        many.append(bm.check_target(f"{n} stream(s): (d) adaptive / the better of (b) and (c)",
+                                    bm.ratio(d, better), ">=", 1.0))
+    for n in (4, 8):
+        many.append(bm.check_target(f"{n} streams: (d) adaptive / (b)", bm.ratio(
+            _tok_s(_row(result, "d", ADAPTIVE, n)), _tok_s(_row(result, "b", "-", n))), ">=", 1.5))
+    many.append(bm.check_target("1 stream: (d) adaptive / (d) at its best fixed k", bm.ratio(
+        (h.get("d_adaptive") or {}).get("tok_s"), (h.get("d_best") or {}).get("tok_s")),
+        ">=", 0.95))
+    many.append(bm.check_target("1 stream: (d) adaptive / (b)",
+                                (h.get("d_adaptive") or {}).get("vs_b"), ">=", 2.2))
+    under_load = [r for r in rows if r["streams"] > 1 and "solo_different" in r]
+    many.append(bm.check_target(
+        "responses under load that differ from the same configuration's solo text",
+        sum(r["solo_different"] for r in under_load) if under_load else None, "<=", 0,
+        "count"))
+
+    real: list[dict[str, Any]] = []
+    per_k = (result.get("profile") or {}).get("per_k", {})
+    verify8 = per_k.get("8", {}).get("verify_rpc_bytes_down")
+    real.append(bm.check_target("bytes from the workers per k = 8 verify",
+                                verify8["median"] if verify8 else None, "<=", 64e3, "bytes"))
+    b1 = _row(result, "b", "-")
+    n_vocab = result["models"]["n_vocab"]
+    real.append(bm.check_target(
+        "plain pool decode: a full logits row (n_vocab x 4 B) / RPC bytes per token of (b)",
+        bm.ratio(4.0 * n_vocab, b1["rpc_bytes_per_token"] if b1 else None), ">=", 10.0))
+    real.append(bm.check_target("1 stream: (d) adaptive / (b)",
+                                (h.get("d_adaptive") or {}).get("vs_b"), ">=", 2.0))
+    natives = [x["tok_s"] for x in (h.get("c_best"), h.get("c2_best")) if x]
+    real.append(bm.check_target("1 stream: (d) adaptive / the better of (c) and (c2) at their "
+                                "best k", bm.ratio((h.get("d_adaptive") or {}).get("tok_s"),
+                                                   max(natives, default=None)), ">=", 1.2))
+    s = result["settings"]
+    d_out = [v for key, v in result["outputs"].items() if key.startswith("d/")]
+    covered = s["prompts"] >= 20 and s["tokens"] >= 128
+    identity = bm.check_target(
+        f"(d) greedy outputs that differ from (a) beyond a near-tie ({s['prompts']} prompts x "
+        f"{s['tokens']} tokens; the target asks >= 20 x 128)",
+        sum(v["different"] for v in d_out) if d_out else None, "<=", 0, "count")
+    if not covered:
+        identity["pass"] = None
+    real.append(identity)
+    return {"13": many, "14": real}

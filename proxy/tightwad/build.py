@@ -100,8 +100,9 @@ def default_cache_dir() -> Path:
 
 
 def default_patches_dir() -> Path:
-    # In a checkout this file sits at proxy/tightwad/build.py; the role passes --patches.
-    return Path(__file__).resolve().parents[2] / "patches" / "llama.cpp"
+    """Our patches, shipped inside the package (package data: an installed wheel has them too).
+    A remote build host gets this file alone: the role passes --patches there."""
+    return Path(__file__).resolve().parent / "patches" / "llama.cpp"
 
 
 # --- pure: flags and keys -------------------------------------------------------------------
@@ -139,6 +140,18 @@ def list_patches(patches_dir: Path | None) -> list[Path]:
     if patches_dir is None or not patches_dir.is_dir():
         return []
     return sorted(p for p in patches_dir.iterdir() if p.is_file() and p.suffix == ".patch")
+
+
+def required_patches(patches_dir: Path) -> list[Path]:
+    """The patches of a directory that must hold some: a build meant to be patched never
+    silently turns stock (``--no-patches`` is the one way to build stock)."""
+    patches = list_patches(patches_dir)
+    if not patches:
+        raise BuildError(f"no llama.cpp patches (*.patch) in {patches_dir}: without them the "
+                         "pool lacks the verify API; reinstall tightwad from a Tightwad "
+                         "checkout (pip install .), pass --patches DIR, or --no-patches to "
+                         "build stock llama.cpp on purpose")
+    return patches
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -437,10 +450,11 @@ def check_targets(targets: Sequence[str] | None) -> tuple[str, ...]:
 def build_key(backend: str = "cpu", *, patches_dir: Path | None = None,
               flags: Sequence[str] | None = None,
               targets: Sequence[str] | None = None) -> BuildKey:
-    """The cache key; ``patches_dir`` defaults to the checkout's ``patches/llama.cpp`` (a
-    directory without patches, or a missing one, means the stock source)."""
+    """The cache key. ``patches_dir`` defaults to the package's own patches, which must be
+    there; a directory given without patches (or ``NO_PATCHES``) means the stock source."""
     flags = list(flags) if flags is not None else cmake_flags(backend)
-    patches = list_patches(patches_dir if patches_dir is not None else default_patches_dir())
+    patches = list_patches(patches_dir) if patches_dir is not None else required_patches(
+        default_patches_dir())
     return BuildKey(PIN_COMMIT, backend, patch_set_hash(patches), tuple(flags),
                     check_targets(targets))
 
@@ -530,8 +544,11 @@ def ensure_build(
     ``ggml-rpc-server`` with an empty ``patches_dir``.
     """
     cache = cache or default_cache_dir()
+    if patches_dir is None:
+        patches_dir = default_patches_dir()
+        required_patches(patches_dir)
     # Absolute: patch runs inside the work tree, where a relative path means nothing.
-    patches_dir = (patches_dir if patches_dir is not None else default_patches_dir()).resolve()
+    patches_dir = patches_dir.resolve()
     key = build_key(backend, patches_dir=patches_dir, flags=flags, targets=targets)
     if hit := cached_build(cache, key):
         log(f"cache hit: {hit.path}")
@@ -639,7 +656,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--cmake-arg", action="append", default=[], metavar="-DNAME=VALUE",
                        help="extra cmake definition (part of the cache key)")
         p.add_argument("--patches", type=Path, default=None,
-                       help="directory of *.patch files (default: the checkout's patches/llama.cpp)")
+                       help="directory of *.patch files (default: the package's own, "
+                       "tightwad/patches/llama.cpp)")
         p.add_argument("--no-patches", action="store_true",
                        help="build the stock source (to reproduce what a patch fixes)")
         p.add_argument("--target", action="append", default=None, choices=TARGETS,
@@ -674,6 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 patches = NO_PATCHES
             else:
                 patches = args.patches if args.patches is not None else default_patches_dir()
+                required_patches(patches)  # only --no-patches builds stock
             if args.command == "path":
                 found = cached_build(cache, build_key(args.backend, patches_dir=patches,
                                                       flags=flags, targets=args.target))

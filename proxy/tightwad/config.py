@@ -64,6 +64,13 @@ def _check_secret(value: SecretStr | None) -> SecretStr | None:
     return value
 
 
+def _yaml_word(value: Any) -> Any:
+    # YAML 1.1 reads an unquoted off/no (on/yes) as a boolean: `mode: off` means the word.
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
 class ListenConfig(_Section):
     """Where the proxy serves the OpenAI API."""
 
@@ -76,13 +83,22 @@ class ListenConfig(_Section):
         "On SIGTERM (a restart), new connections are refused at once and requests in flight "
         "get this long to finish; then each ends cleanly: 503 with Retry-After, or an error "
         "event and [DONE] on a stream."))
+    cors_origins: list[str] = Field(default_factory=list, description=(
+        "Browser origins allowed to call the API from their pages (CORS), e.g. "
+        "[\"http://localhost:3000\"]; \"*\" allows any. A preflight from an allowed origin "
+        "passes without the token; other origins get 403. Empty: no CORS headers."))
+    sse_keepalive_s: float = Field(defaults.SSE_KEEPALIVE_S, gt=0, le=3600, description=(
+        "A stream that waits (queued for a slot, or while the prompt is evaluated) sends an "
+        "SSE comment line this often, so idle timeouts of reverse proxies and clients do not "
+        "cut it."))
 
 
 class AuthConfig(_Section):
     """Who may use the proxy."""
 
     token: SecretStr | None = Field(None, description=(
-        "Bearer token clients must send (Authorization: Bearer <token>). Never logged."))
+        "Bearer token clients must send (Authorization: Bearer <token>). Never logged. Off "
+        "loopback it must be strong: 16 characters or more, no placeholder such as change-me."))
     allow_unauthenticated_remote: bool = Field(False, description=(
         "Serve on a non-loopback address without a token; only behind a firewall you trust."))
 
@@ -136,14 +152,32 @@ class SpeculationConfig(_Section):
     k_max: int = Field(16, ge=1, le=256, description=(
         "Most tokens drafted per round; the coordinator must accept verify batches of k_max + 1 "
         "outputs."))
-    k_initial: int = Field(4, ge=1, description="Draft length of a request's first round.")
+    k_initial: int = Field(4, ge=1, description=(
+        "Draft length before anything is learned about a drafter/target pair, and always for "
+        "seeded sampling requests (their random stream depends on k)."))
     adaptive: bool = Field(True, description=(
-        "Choose k each round from measured acceptance and timings (else always k_initial)."))
+        "Choose k each round from measured acceptance and timings, learned across the "
+        "requests of a drafter/target pair, and run rounds without a draft where drafting "
+        "cannot pay at the current load (else always k_initial, always drafting)."))
+    k_margin: float = Field(0.1, ge=0, le=1, description=(
+        "Hysteresis: k moves to another bucket (1, 2, 4, 8, ...), and paused drafting resumes, "
+        "only when predicted tokens/s beat the current choice by this fraction."))
+    probe_every: int = Field(16, ge=0, description=(
+        "While drafting is paused, every Nth round drafts anyway (load falls, estimates go "
+        "stale); while target-only speed at the current load is unmeasured or close to "
+        "drafting's, every Nth round goes without a draft to measure it. 0: never."))
     n_probs: int = Field(40, ge=1, le=1024, description=(
         "Top log-probabilities requested per position when sampling (temperature > 0). The "
         "proxy's sampling is exact when the top-k/top-p/min-p cut falls inside them, always when "
         "top_k <= n_probs; else it asks for more or lets the target sample. Larger costs "
         "bandwidth per verify."))
+    gather_ms: float = Field(defaults.VERIFY_GATHER_MS, ge=0, le=1000, description=(
+        "With several requests at once, a ready verify waits for the other requests' next "
+        "verifies, at most this long past the moment the coordinator is free (and never longer "
+        "than a verify takes), and all go in one call that the coordinator evaluates in one "
+        "batch instead of one each; 0: off."))
+
+    mode_word = field_validator("mode", mode="before")(_yaml_word)
 
     @model_validator(mode="after")
     def _k_order(self) -> SpeculationConfig:
@@ -163,14 +197,17 @@ class LimitsConfig(_Section):
     body_timeout_s: float = Field(30.0, gt=0, le=3600, description=(
         "Longest time a client may take to send its request body; a slower one (a stalled or "
         "slowloris client) gets 408 and its connection is closed."))
-    max_tokens_cap: int = Field(4096, ge=1, description=(
-        "Upper bound on a request's max_tokens; larger requests are clamped to it."))
-    default_max_tokens: int = Field(512, ge=1, description=(
-        "max_tokens for a request that does not say."))
+    max_tokens_cap: int | None = Field(None, ge=1, description=(
+        "Upper bound on a request's max_tokens; larger requests are clamped to it and the "
+        "answer says so (header X-Tightwad-Max-Tokens-Clamped). None: the context is the "
+        "only bound."))
+    default_max_tokens: int | None = Field(None, ge=1, description=(
+        "max_tokens for a request that does not say. None: until the end of the context."))
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> LimitsConfig:
-        if self.default_max_tokens > self.max_tokens_cap:
+        if self.default_max_tokens is not None and self.max_tokens_cap is not None and \
+                self.default_max_tokens > self.max_tokens_cap:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must not exceed "
                              f"max_tokens_cap ({self.max_tokens_cap})")
         return self
@@ -300,11 +337,37 @@ def _is_loopback(host: str) -> bool:
         return False  # a name may resolve anywhere, so it counts as remote
 
 
+MIN_TOKEN_LENGTH = 16
+# Placeholders people leave in place (compared lower-case, without separators).
+_PLACEHOLDERS = ("changeme", "replaceme", "yourtoken", "placeholder", "example", "password")
+
+
+def token_weakness(token: str) -> str | None:
+    """Why a bearer token is too weak to guard an open port, or None (never echoes it)."""
+    folded = "".join(c for c in token.lower() if c.isalnum())
+    if len(token) < MIN_TOKEN_LENGTH:
+        return f"shorter than {MIN_TOKEN_LENGTH} characters"
+    if any(word in folded for word in _PLACEHOLDERS):
+        return "a placeholder such as change-me"
+    if len(set(token)) < 8:
+        return "fewer than 8 different characters"
+    return None
+
+
 def check_bind_security(config: Config) -> None:
-    """Refuse to serve a non-loopback address without a token, unless explicitly allowed."""
+    """Refuse to serve a non-loopback address without a token (unless explicitly allowed) or
+    with a weak one (short, or a placeholder such as ``change-me``)."""
     host = config.listen.host
-    if _is_loopback(host) or config.auth.token is not None:
+    if _is_loopback(host):
         return
+    if config.auth.token is not None:
+        weakness = token_weakness(config.auth.token.get_secret_value())
+        if weakness is None:
+            return
+        raise ConfigError(
+            f"config error: auth.token: too weak to serve {host or 'all addresses'} "
+            f"({weakness}); generate one with python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))' (tightwad init writes one)")
     if config.auth.allow_unauthenticated_remote:
         return
     raise ConfigError(

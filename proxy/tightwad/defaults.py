@@ -27,6 +27,18 @@ VERIFY_MAX_TOKENS: Final = 32
 """The most prompt tokens one verify may score (the verify patch's ``--verify-max-tokens``):
 the proxy's k_max plus the tokens whose bytes are still unknown."""
 
+OUTPUT_TOP_N: Final = 64
+"""The coordinator's ``--output-top-n`` (our patch 0005): the graph computes each output row's top
+64 log-probabilities on the worker that holds the output layer, so a k=8 verify pulls ~6 KB over
+the pool's link instead of k x n_vocab logits (4.6 MB at a 128k vocabulary). Exact while every
+request in a batch needs at most this many (the proxy asks top_k + banned ids, at most
+speculation.n_probs 40 + a few); any other request makes that batch fetch full logits as before."""
+
+COORDINATOR_ARGS: Final = ("--output-top-n", str(OUTPUT_TOP_N), "--jinja")
+"""What makes a llama-server a Tightwad coordinator besides its model, workers, the pool settings
+and ``--verify-max-tokens``: the top-n on the device, and the model's own chat template (tools,
+structured output) made explicit."""
+
 SLOTS: Final = 4
 """Parallel slots (``-np``) of the coordinator and drafter: requests served at once."""
 
@@ -35,3 +47,27 @@ CTX_SIZE: Final = 4096
 
 LOCAL_CTX_SIZE: Final = 2048
 """The local pool's context: its demo models are tiny and its machine small."""
+
+LLAMA_SERVER_ARGS: Final = ("--cache-ram", "0", "--no-cache-idle-slots")
+"""What every coordinator and drafter llama-server runs with, besides its model, slots and
+ports (the llama_server role's ``llama_server_pool_args``, the local pool, the test and bench
+pools). ``--cache-ram 0`` turns off llama-server's host-RAM prompt cache: by default it saves
+every idle slot on each new task (``--cache-idle-slots``) and a slot's old conversation when
+another takes the slot, and over RPC a save reads that slot's whole KV cache back from the
+workers, layer by layer with blocking round trips, inside the server's main loop that all
+streams wait on; through the proxy every speculation round is a new task. (A restore would
+write it back the same way.) ``--no-cache-idle-slots`` says so explicitly: no warning that the
+cache is off, and no per-task saves should ``--cache-ram`` be turned back on. docs/deploy.md
+("llama-server settings") has the measurements."""
+
+VERIFY_GATHER_MS: Final = 0.0
+"""The proxy's verify gathering window (``speculation.gather_ms``, 0 = off): how long past the
+moment the coordinator is free a ready verify may wait for the other streams' verifies, so the
+coordinator evaluates them in one batch (docs/proxy.md, "Verify gathering"). Off by default: the
+only measurement so far (bench/verify_gather.py, 100 ms, a loaded 2-core machine whose pool is
+compute-bound) gave 0.94x at 4 and 8 streams; turn it on (100) where a batch costs mostly
+network round trips, and measure."""
+
+SSE_KEEPALIVE_S: Final = 10.0
+"""How often a waiting stream (queued, or prefilling a long prompt) sends an SSE comment line,
+so idle timeouts of reverse proxies and clients (often 30-60 s) do not cut it."""

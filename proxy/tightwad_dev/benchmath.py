@@ -9,6 +9,11 @@ fast as the target alone. That model assumes a verify of k + 1 tokens costs one 
 that nothing else (network, HTTP, proxy) takes time; efficiency = measured / predicted says how
 much of the bound a real system keeps.
 
+The Leviathan bound also assumes a verify of k + 1 tokens costs one target step; on CPUs it costs
+several. :func:`component_speedup` is the bound built from measured component costs instead (the
+draft call and the verify of k tokens, each as timed on its own): what a round loop with no
+overhead of its own could reach on this machine and link.
+
 ``a`` here is the per-position greedy agreement (:func:`agreement`), not llama.cpp's "draft
 acceptance" accepted / drafted (:func:`draft_acceptance`), which falls as k grows even at a fixed
 ``a``: both are reported, and only ``a`` goes into the formula.
@@ -17,14 +22,19 @@ acceptance" accepted / drafted (:func:`draft_acceptance`), which falls as k grow
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections.abc import Sequence
+from typing import Any
 
 from tightwad.decoding.speculation import expected_tokens, predicted_speedup
 
 __all__ = [
     "agreement",
     "best_k",
+    "bootstrap_ci",
+    "check_target",
+    "component_speedup",
     "cost_ratio",
     "draft_acceptance",
     "efficiency",
@@ -32,10 +42,15 @@ __all__ = [
     "expected_tokens",
     "native_tokens_per_round",
     "predicted_speedup",
+    "latency",
     "quantile",
+    "rate",
     "ratio",
     "spread",
 ]
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_LEVEL = 0.95
 
 
 def agreement(draft_argmax: Sequence[int], target_tokens: Sequence[int]) -> float:
@@ -115,9 +130,68 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
-    """Median, quartiles, extremes and count of repeated measurements."""
+    """Median with its bootstrap 95% confidence interval, quartiles, extremes and count of
+    repeated measurements."""
     if not values:
         raise ValueError("no values")
-    return {"median": statistics.median(values), "p25": quantile(values, 0.25),
-            "p75": quantile(values, 0.75), "min": min(values), "max": max(values),
+    lo, hi = bootstrap_ci(values)
+    return {"median": statistics.median(values), "ci_lo": lo, "ci_hi": hi,
+            "p25": quantile(values, 0.25), "p75": quantile(values, 0.75),
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def bootstrap_ci(values: Sequence[float], level: float = BOOTSTRAP_LEVEL,
+                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the median: resample ``values`` with
+    replacement, take each resample's median, and return the central ``level`` of them.
+    Seeded, so a saved run's summary is reproducible; one value gives (value, value)."""
+    if not values:
+        raise ValueError("no values")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    data = list(values)
+    if len(data) == 1:
+        return data[0], data[0]
+    rng = random.Random(seed)
+    medians = [statistics.median(rng.choices(data, k=len(data))) for _ in range(resamples)]
+    tail = (1.0 - level) / 2
+    return quantile(medians, tail), quantile(medians, 1.0 - tail)
+
+
+def latency(values: Sequence[float]) -> dict[str, float]:
+    """Per-request latency percentiles: p50, p99 (linear interpolation) and the maximum."""
+    if not values:
+        raise ValueError("no values")
+    return {"p50": quantile(values, 0.5), "p99": quantile(values, 0.99), "max": max(values),
             "n": len(values)}
+
+
+def rate(count: float, seconds: float) -> float:
+    """``count`` per second over a window of ``seconds``."""
+    if seconds <= 0:
+        raise ValueError(f"need a window > 0 s, got {seconds}")
+    return count / seconds
+
+
+def component_speedup(a: float, k: int, step_ms: float, draft_ms: float,
+                      verify_ms: float) -> float:
+    """The bound from measured component costs: a round emits E(a, k) tokens and costs one
+    draft call of k tokens (``draft_ms``) plus one verify of k tokens (``verify_ms``), against
+    ``step_ms`` per token without speculation. Unlike :func:`predicted_speedup` it charges the
+    verify what it really costs (several target steps on a CPU) and the draft its fixed part."""
+    if step_ms <= 0 or draft_ms < 0 or verify_ms <= 0:
+        raise ValueError(f"need step_ms > 0, draft_ms >= 0 and verify_ms > 0, got "
+                         f"{step_ms}, {draft_ms}, {verify_ms}")
+    return expected_tokens(a, k) * step_ms / (draft_ms + verify_ms)
+
+
+def check_target(name: str, value: float | None, op: str, threshold: float,
+                 unit: str = "x") -> dict[str, Any]:
+    """One target of an issue as a measured line: PASS (True) when ``value op threshold``
+    holds, MISS (False) when it does not, no verdict (None) when the value was not measured.
+    ``unit`` says how to print the numbers: "x" (a ratio), "bytes" or "count"."""
+    if op not in (">=", "<="):
+        raise ValueError(f"op must be '>=' or '<=', got {op!r}")
+    ok = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+    return {"name": name, "value": value, "op": op, "threshold": threshold, "unit": unit,
+            "pass": ok}

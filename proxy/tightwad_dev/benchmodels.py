@@ -15,8 +15,15 @@ the small English corpus below.
 
 Files are cached by a hash of everything that determines their bytes and written atomically::
 
-pair = ensure_bench_models(Path("~/.cache/tightwad/models").expanduser()) pair.target,
-pair.draft
+    pair = ensure_bench_models(Path("~/.cache/tightwad/models").expanduser())
+    pair.target, pair.draft
+
+The real-vocabulary pair (:func:`ensure_real_vocab_models`) has Llama 3's 128k tokenizer
+(``llama-bpe`` from the pinned tree's ``models/``), as every model people pool has a 32k-262k
+vocabulary: a verify then pulls ``n_outputs x n_vocab x 4`` bytes of logits over the pool's link,
+and the draft's own 128k output matrix is a large part of its cost (issue 14 separates the two).
+Its target is wide and deep enough that its layers, not its output matrix, dominate a step, as
+far as 2 CPU cores allow a benchmark of tens of minutes; the draft is its first 2 layers.
 """
 
 from __future__ import annotations
@@ -33,17 +40,31 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFValueType
 
-from tightwad.pool.demomodels import ModelSpec, _KeyValue, _tensors, write_gguf
+from tightwad.pool.demomodels import (
+    DRAFT_SPEC,
+    TARGET_SPEC,
+    ModelSpec,
+    _KeyValue,
+    _tensors,
+    _tokenizer_kvs,
+    cached_model,
+    spec_digest,
+    vocab_path,
+    write_gguf,
+)
 
 __all__ = [
     "BENCH_DRAFT_SPEC",
     "BENCH_TARGET_SPEC",
     "BenchPair",
+    "REAL_VOCAB_DRAFT_SPEC",
+    "REAL_VOCAB_TARGET_SPEC",
     "CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
     "bench_digest",
     "byte_bpe_vocab",
     "ensure_bench_models",
+    "ensure_real_vocab_models",
     "write_bench_model",
 ]
 
@@ -186,6 +207,26 @@ BENCH_TARGET_SPEC = ModelSpec(
 BENCH_DRAFT_SPEC = BENCH_TARGET_SPEC.truncated(2, name="tightwad-bench-draft")
 
 
+# Per token: 24 layers x ~15.2M multiply-adds (attention with 4 KV heads of 16, ffn 4096) =
+# 365M, against 131M for the 128k x 1024 output matrix: the layers are ~3/4 of a target step.
+# The draft (2 layers + the same output) costs ~161M: its output matrix is ~80% of its cost,
+# which is what a real small draft with a 128k vocabulary looks like too.
+REAL_VOCAB_TARGET_SPEC = ModelSpec(
+    name="tightwad-bench-real-vocab-target",
+    vocab="llama-bpe",
+    n_layer=24,
+    n_embd=1024,
+    n_head=16,
+    n_head_kv=4,
+    n_ff=4096,
+    seed=13,
+    output_scale=16.0,
+    deep_layer_scale=0.05,
+    n_core_layers=2,
+)
+REAL_VOCAB_DRAFT_SPEC = REAL_VOCAB_TARGET_SPEC.truncated(2, name="tightwad-bench-real-vocab-draft")
+
+
 @dataclass(frozen=True)
 class BenchPair:
     target: Path
@@ -229,3 +270,26 @@ def ensure_bench_models(dest_dir: Path, target_spec: ModelSpec = BENCH_TARGET_SP
                                              name=f"{target_spec.name}-draft"))
     return BenchPair(target=_cached(target_spec, dest_dir), draft=_cached(draft_spec, dest_dir),
                      target_spec=target_spec, draft_spec=draft_spec)
+
+
+def ensure_real_vocab_models(dest_dir: Path, vocab_dir: Path, tiny: bool = False) -> BenchPair:
+    """The real-vocabulary pair (128k llama-bpe tokenizer read from ``vocab_dir``, the pinned
+    tree's ``models/``), cached under ``dest_dir``; ``tiny``: the demo pair (same tokenizer,
+    8 layers x 128), for smoke tests."""
+    if tiny:
+        return BenchPair(target=cached_model(TARGET_SPEC, dest_dir, vocab_dir),
+                         draft=cached_model(DRAFT_SPEC, dest_dir, vocab_dir),
+                         target_spec=TARGET_SPEC, draft_spec=DRAFT_SPEC)
+    return BenchPair(target=_cached_real(REAL_VOCAB_TARGET_SPEC, dest_dir, vocab_dir),
+                     draft=_cached_real(REAL_VOCAB_DRAFT_SPEC, dest_dir, vocab_dir),
+                     target_spec=REAL_VOCAB_TARGET_SPEC, draft_spec=REAL_VOCAB_DRAFT_SPEC)
+
+
+def _cached_real(spec: ModelSpec, dest_dir: Path, vocab_dir: Path) -> Path:
+    """A real-vocabulary bench model with f16 matrices (as the small-vocabulary pair: half the
+    bytes to read per token and to push to the RPC workers), cached by spec and vocab file."""
+    path = dest_dir / f"{spec.name}-{spec_digest(spec, vocab_dir)}-f16v{BENCH_FORMAT_VERSION}.gguf"
+    if not path.is_file():  # files only ever appear complete (atomic rename)
+        write_gguf(spec, path, _tokenizer_kvs(vocab_path(vocab_dir, spec.vocab)),
+                   tensors=_bench_tensors)
+    return path

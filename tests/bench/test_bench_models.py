@@ -50,3 +50,19 @@ def test_pair_shares_tokenizer_and_weights(tmp_path: Path) -> None:
     assert set(d) < set(t) and all(d[name] == t[name] for name in d)
     assert not any(name.startswith("blk.1.") for name in d)
     assert bench_digest(BENCH_TARGET_SPEC) != bench_digest(BENCH_DRAFT_SPEC)
+
+
+def test_real_vocab_pair_is_dominated_by_its_layers() -> None:
+    """The real-vocabulary target's step is mostly its layers, not its 128k output matrix (per
+    token multiply-adds), and its draft is its first layers with the same tokenizer."""
+    from tightwad_dev.benchmodels import REAL_VOCAB_DRAFT_SPEC, REAL_VOCAB_TARGET_SPEC
+
+    t = REAL_VOCAB_TARGET_SPEC
+    kv = t.n_embd // t.n_head * t.n_head_kv
+    per_layer = 2 * t.n_embd * t.n_embd + 2 * t.n_embd * kv + 3 * t.n_embd * t.n_ff
+    output = 128_256 * t.n_embd  # llama-bpe
+    assert t.vocab == "llama-bpe"
+    assert t.n_layer * per_layer > 2 * output
+    d = REAL_VOCAB_DRAFT_SPEC
+    assert (d.vocab, d.keep_layers, d.n_embd, d.seed) == ("llama-bpe", t.n_core_layers,
+                                                          t.n_embd, t.seed)

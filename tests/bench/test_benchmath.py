@@ -79,3 +79,59 @@ def test_spread_and_quantile() -> None:
     with pytest.raises(ValueError):
         bm.quantile([1.0], 1.5)
     assert math.isclose(bm.quantile([0.0, 10.0], 0.5), 5.0)
+
+
+def test_spread_has_a_bootstrap_interval_around_the_median() -> None:
+    values = [10.0, 11.0, 9.0, 10.5, 9.5, 30.0, 10.2, 9.8]
+    s = bm.spread(values)
+    assert s["ci_lo"] <= s["median"] <= s["ci_hi"]
+    assert s["min"] <= s["ci_lo"] and s["ci_hi"] <= s["max"]
+    assert bm.spread(values) == s  # seeded: a saved run's summary is reproducible
+    assert bm.bootstrap_ci([4.0]) == (4.0, 4.0)
+    # A wider sample of the same centre gives a wider interval.
+    lo1, hi1 = bm.bootstrap_ci([10.0 + 0.1 * (i % 5) for i in range(40)])
+    lo2, hi2 = bm.bootstrap_ci([10.0 + 2.0 * (i % 5) for i in range(40)])
+    assert hi1 - lo1 < hi2 - lo2
+    with pytest.raises(ValueError):
+        bm.bootstrap_ci([])
+    with pytest.raises(ValueError):
+        bm.bootstrap_ci([1.0, 2.0], level=1.0)
+
+
+def test_latency_percentiles() -> None:
+    lat = bm.latency([float(i) for i in range(1, 101)])
+    assert lat["p50"] == pytest.approx(50.5) and lat["max"] == 100.0 and lat["n"] == 100
+    assert lat["p99"] == pytest.approx(99.01)
+    with pytest.raises(ValueError):
+        bm.latency([])
+
+
+def test_rate() -> None:
+    assert bm.rate(50, 2.0) == 25.0
+    with pytest.raises(ValueError):
+        bm.rate(1, 0.0)
+
+
+def test_component_bound_charges_the_measured_round() -> None:
+    # A verify that costs one step and a free draft: the component bound is Leviathan's at c=0.
+    assert bm.component_speedup(0.8, 4, 40.0, 0.0, 40.0) == pytest.approx(
+        bm.predicted_speedup(0.8, 4, 0.0))
+    # A draft of k tokens at c x step, verify = one step: exactly Leviathan's bound.
+    assert bm.component_speedup(0.8, 4, 40.0, 4 * 0.1 * 40.0, 40.0) == pytest.approx(
+        bm.predicted_speedup(0.8, 4, 0.1))
+    # A verify costing 3 steps divides the bound accordingly.
+    assert bm.component_speedup(0.8, 8, 40.0, 0.0, 120.0) == pytest.approx(
+        bm.expected_tokens(0.8, 8) / 3)
+    with pytest.raises(ValueError):
+        bm.component_speedup(0.8, 4, 0.0, 1.0, 1.0)
+    with pytest.raises(ValueError):
+        bm.component_speedup(0.8, 4, 1.0, 1.0, 0.0)
+
+
+def test_check_target() -> None:
+    assert bm.check_target("x", 2.1, ">=", 2.0)["pass"] is True
+    assert bm.check_target("x", 1.9, ">=", 2.0)["pass"] is False
+    assert bm.check_target("x", 60e3, "<=", 64e3)["pass"] is True
+    assert bm.check_target("x", None, ">=", 2.0)["pass"] is None
+    with pytest.raises(ValueError):
+        bm.check_target("x", 1.0, ">", 2.0)

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from support import REPO, tightwad_cli
+from tightwad import defaults
 from tightwad.pool import placement
 
 pytest.importorskip("ansible", reason="ansible-core is not installed")
@@ -166,6 +167,8 @@ def test_tensor_split_comes_from_the_workers_memory(deployed):
     cmdline = group["coord"].run("systemctl show -p ExecStart --value tightwad-coordinator").stdout
     assert f"--tensor-split {kept['tensor_split']}" in cmdline
     assert f"--rpc {','.join(kept['rpc'])}" in cmdline
+    # What makes it a Tightwad coordinator: the same flags the local pool and the tests run.
+    assert " ".join(defaults.COORDINATOR_ARGS) in cmdline
 
 
 def test_completion_through_the_proxy(deployed):

@@ -143,7 +143,7 @@ def test_impossible_choices_say_what_to_set(probe, backend, needle):
 def test_build_key_is_the_one_tightwad_build_gives_the_build_args(probe, portable):
     """The role's key (controller-side filter) names the build `tightwad.build build
     <build_args>` makes: a mismatch would rebuild or reinstall on every run."""
-    patches = REPO / "patches" / "llama.cpp"
+    patches = build.default_patches_dir()
     got = filters.tightwad_backend(probe, portable=portable)
     expected = build.build_key(got["backend"], patches_dir=patches,
                                flags=cmake_flags_for(got["build_args"])).name
@@ -242,7 +242,7 @@ def test_role_detects_backend_on_a_host(tmp_path, fake, expected_args, expected_
     assert expected_flag in flags
     # The key the role computed is tightwad.build's own key for those flags and this patch set.
     backend = expected_args[1]
-    assert got["key"] == build.build_key(backend, patches_dir=REPO / "patches" / "llama.cpp",
+    assert got["key"] == build.build_key(backend, patches_dir=build.default_patches_dir(),
                                          flags=flags).name
     assert got["needs_install"] is True  # nothing recorded in the empty install dir
 

@@ -24,7 +24,7 @@ PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
 INVENTORY = """\
 all:
   vars:
-    tightwad_proxy_token: s3cret-token
+    tightwad_proxy_token: s3cret-token-for-tests
   children:
     rpc_workers:
       hosts:
@@ -124,7 +124,7 @@ def test_coordinator_unit_runs_the_pool_without_secrets_on_the_command_line(rend
 def test_proxy_config_is_accepted_by_the_proxy_and_points_at_the_pool(rendered):
     config = yaml.safe_load((rendered / "proxy.yml").read_text())
     assert config["listen"] == {"host": "10.77.0.13", "port": 8088}
-    assert config["auth"] == {"token": "s3cret-token"}
+    assert config["auth"] == {"token": "s3cret-token-for-tests"}
     assert config["target"] == {"url": "http://10.77.0.13:8090", "slots": 3, "api_key": "coord-key"}
     assert config["drafter"] == {"url": "http://10.77.0.14:9091", "slots": 4}
     assert config["speculation"]["mode"] == "remote" and config["speculation"]["k_max"] == 16

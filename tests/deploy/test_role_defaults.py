@@ -28,6 +28,7 @@ EXPECTED: dict[str, Any] = {
     "coordinator_ctx_size": defaults.CTX_SIZE,
     "coordinator_parallel": defaults.SLOTS,
     "coordinator_verify_max_tokens": defaults.VERIFY_MAX_TOKENS,
+    "coordinator_output_top_n": defaults.OUTPUT_TOP_N,
     "drafter_port": defaults.DRAFTER_PORT,
     "drafter_ctx_size": defaults.CTX_SIZE,
     "drafter_parallel": defaults.SLOTS,
@@ -89,6 +90,7 @@ def test_the_roles_ask_the_installed_package() -> None:
     assert lookup.answer("pin") == build.PIN_COMMIT
     assert Path(lookup.answer("build_script")) == Path(build.__file__).resolve()
     assert Path(lookup.answer("source_dir")).resolve() == REPO.resolve()
+    assert Path(lookup.answer("patches_dir")) == build.default_patches_dir()
     from ansible.errors import AnsibleLookupError
-    with pytest.raises(AnsibleLookupError, match="pin, build_script or source_dir"):
+    with pytest.raises(AnsibleLookupError, match="pin, build_script, patches_dir or source_dir"):
         lookup.answer("commit")

@@ -70,7 +70,7 @@ def test_cache_key_follows_patches_backend_and_flags(tmp_path: Path) -> None:
 
 def test_repo_patches_are_listed_in_order_and_keyed() -> None:
     names = [p.name for p in b.list_patches(b.default_patches_dir())]
-    assert names == sorted(names) and names, "patches/llama.cpp must hold the project's patches"
+    assert names == sorted(names) and names, "tightwad/patches/llama.cpp must hold the project's patches"
     assert b.build_key("cpu").patch_set == b.patch_set_hash(b.list_patches(b.default_patches_dir()))
 
 
@@ -199,7 +199,7 @@ def test_binaries_report_the_pinned_commit(llama: b.Build) -> None:
     server = subprocess.run([llama.binary("llama-server"), "--version"], capture_output=True,
                             text=True, timeout=60)
     assert f"(build 1, commit {b.PIN_SHORT})" in server.stdout + server.stderr
-    # --version on the worker comes from patches/llama.cpp/0002-rpc-server-version.patch.
+    # --version on the worker comes from tightwad/patches/llama.cpp/0002-rpc-server-version.patch.
     worker = subprocess.run([llama.binary("ggml-rpc-server"), "--version"], capture_output=True,
                             text=True, timeout=60)
     assert worker.returncode == 0
@@ -209,13 +209,18 @@ def test_binaries_report_the_pinned_commit(llama: b.Build) -> None:
 def test_repo_patches_apply_cleanly_to_the_pinned_tree(source_tree: Path, tmp_path: Path) -> None:
     patches = b.list_patches(b.default_patches_dir())
     work = tmp_path / "tree"
-    for rel in sorted({f for p in patches for f in b.patched_files(p.read_text())}):
+    files = sorted({f for p in patches for f in b.patched_files(p.read_text())})
+    for rel in files:
         assert (source_tree / rel).is_file(), f"{rel} is not in the pinned tree"
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         (work / rel).write_bytes((source_tree / rel).read_bytes())
     b._sync_patches(source_tree, work, patches)  # raises BuildError naming a patch that fails
-    for patch in patches:  # applied for real: reversing each one must now succeed
-        reverse = subprocess.run(["patch", "-p1", "-R", "--dry-run", "--batch", "-i", str(patch)],
-                                 cwd=work, capture_output=True, text=True)
-        assert reverse.returncode == 0, reverse.stdout
     assert "prompt_logprobs" in (work / "tools/server/server-context.cpp").read_text()
+    # Applied for real, in order: undoing them newest first must succeed and give back the
+    # pinned files (later patches build on earlier ones, so each reverses only on top of them).
+    for patch in reversed(patches):
+        reverse = subprocess.run(["patch", "-p1", "-R", "--batch", "--no-backup-if-mismatch",
+                                  "-i", str(patch)], cwd=work, capture_output=True, text=True)
+        assert reverse.returncode == 0, f"{patch.name}: {reverse.stdout}"
+    for rel in files:
+        assert (work / rel).read_bytes() == (source_tree / rel).read_bytes(), rel

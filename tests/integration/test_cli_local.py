@@ -168,6 +168,7 @@ def test_init_local_identifies_the_pool_and_writes_an_inventory_ansible_accepts(
         inventory_file: Path, local_pool: LocalPool, models: ModelSet) -> None:
     doc = yaml.safe_load(inventory_file.read_text())
     ports = local_pool.ports
+    assert len(doc["all"]["vars"].pop("tightwad_proxy_token")) >= 43  # token_urlsafe(32)
     assert doc["all"]["vars"] == {"tightwad_model": str(models.target.resolve()),
                                   "tightwad_draft_model": str(models.draft.resolve())}
     listed = json.loads(subprocess.run([tool("ansible-inventory"), "-i", str(inventory_file),
@@ -275,8 +276,10 @@ def test_doctor_turns_exactly_the_right_check_red(fault: str, inventory_file: Pa
                        ["hosts"]["local"].update({"coordinator_ram_mb": 32}))
         expect, words = "coordinator RAM", "> coordinator RAM 32.0 MiB"
     else:
-        inv = _variant(inventory_file, dest, lambda d: d["all"]["children"]["proxy"]["hosts"]
-                       ["local"].update({"proxy_bind_address": "192.0.2.10"}))
+        def no_token(d: dict) -> None:  # init writes one: take it out
+            d["all"]["vars"].pop("tightwad_proxy_token")
+            d["all"]["children"]["proxy"]["hosts"]["local"]["proxy_bind_address"] = "192.0.2.10"
+        inv = _variant(inventory_file, dest, no_token)
         expect, words = "proxy auth", "without a token"
     try:
         code, report = doctor("-i", str(inv), "--bin-dir", str(bins), env=env)

@@ -151,6 +151,46 @@ def test_greedy_remote_output_is_the_targets_own(spec_pool, record_property) -> 
           f"{stats['tokens'] / seconds:.0f} tok/s with {PROXY_SLOTS} concurrent")
 
 
+def test_estimates_carry_over_between_requests(spec_pool) -> None:
+    """One drafter/target pair, one set of estimates: every request reads and teaches it (the
+    engine's PairLearning), and the output is still the target's own."""
+    coordinator = spec_pool.coordinator
+    prompts = [tokenize(coordinator, p) for p in PROMPTS[:4]]
+    refs = [target_alone(coordinator, p, 48) for p in prompts]
+
+    async def scenario() -> tuple[list[Run], list[dict], list[Any]]:
+        engine = await started(proxy_config(coordinator, spec_pool.drafter))
+        try:
+            runs, seen, learned = [], [], []
+            for p in prompts:
+                runs.append(await collect(engine, GenerationRequest(prompt=tuple(p),
+                                                                    max_tokens=48)))
+                seen.append(engine.status()["speculation"])
+                learned.append(engine.learning.current)
+            return runs, seen, learned
+        finally:
+            await engine.close()
+
+    runs, seen, learned = asyncio.run(scenario())
+    for p, run, ref in zip(prompts, runs, refs):
+        compare_greedy(coordinator, p, run, ref)
+    assert all(x is learned[0] for x in learned), "a request started from scratch"
+    pair = learned[0]
+    stats = [run.finished.stats for run in runs]
+    assert stats[0].drafted > 0  # nothing learned yet: the first request drafts
+    # The pair's estimate holds every request's rounds, not only the last one's.
+    assert pair.acceptance[True].drafted == sum(s.drafted for s in stats)
+    assert pair.acceptance[True].accepted == sum(s.accepted for s in stats)
+    learned_rounds = [s["rounds_learned"] for s in seen]
+    assert learned_rounds == sorted(learned_rounds) and learned_rounds[0] > 0, learned_rounds
+    first = seen[0]
+    assert first["pair"]["target"] and first["pair"]["drafter"], first  # as the servers say
+    assert first["pair"]["target"] != first["pair"]["drafter"]
+    assert first["by_streams"]["1"]["verify"] is not None, first  # timed rounds, one stream
+    assert all(s["k"] in s["buckets"] for s in seen), seen
+    print(f"\nspeculation after {len(prompts)} requests: {seen[-1]}")
+
+
 # -- sampling -------------------------------------------------------------------------------
 
 SAMPLING = SamplingParams(temperature=1.0, top_k=40, top_p=1.0, min_p=0.0)

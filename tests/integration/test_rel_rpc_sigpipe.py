@@ -4,10 +4,10 @@ A ``ggml-rpc-server`` serves one client at a time; a second client queues in its
 If that client gives up (here ``timeout 3 llama-server --rpc W --list-devices``), its dead
 connection waits there; when the coordinator disconnects, the worker accepts it, answers, and
 the stock worker dies of SIGPIPE (exit 141 in a shell, -13 from Popen). The fix is
-``patches/llama.cpp/0003-rpc-server-ignore-sigpipe.patch``: the first test reproduces the death
-with a stock worker (built by ``tightwad.build`` without patches, the ggml-rpc-server target
-only: ~15 s with ccache warm from the main build), the second shows the patched worker surviving
-the same sequence and serving the next coordinator.
+``proxy/tightwad/patches/llama.cpp/0003-rpc-server-ignore-sigpipe.patch``: the first test
+reproduces the death with a stock worker (built by ``tightwad.build`` without patches, the
+ggml-rpc-server target only: ~15 s with ccache warm from the main build), the second shows the
+patched worker surviving the same sequence and serving the next coordinator.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_stock_worker_dies_of_sigpipe(stock_worker_bin: Path, bin_dir: Path, mod
         code = _hold_then_release(procs, worker, models, bin_dir, tmp_path / "client.log")
     assert code == -signal.SIGPIPE, (
         f"the stock worker was expected to die of SIGPIPE, got {code}; if upstream fixed it, "
-        f"patches/llama.cpp/0003 may go")
+        f"tightwad/patches/llama.cpp/0003 may go")
 
 
 def test_patched_worker_survives_and_still_serves(bin_dir: Path, models: ModelSet,

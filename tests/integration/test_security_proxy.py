@@ -167,7 +167,7 @@ def test_off_loopback_bind_without_token_is_refused(host: str, token: str | None
 def test_bind_rules(host: str) -> None:
     with pytest.raises(ConfigError, match="auth.token"):
         check_bind_security(parse_config({"listen": {"host": host}}))
-    check_bind_security(parse_config({"listen": {"host": host}, "auth": {"token": "t"}}))
+    check_bind_security(parse_config({"listen": {"host": host}, "auth": {"token": TOKEN}}))
     check_bind_security(parse_config({"listen": {"host": host},
                                       "auth": {"allow_unauthenticated_remote": True}}))
     check_bind_security(parse_config({"listen": {"host": "127.0.0.1"}}))

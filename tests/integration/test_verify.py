@@ -1,4 +1,5 @@
-"""The verify patch (patches/llama.cpp/0001-server-verify-prompt-logprobs.patch, docs/verify-api.md).
+"""The verify patch (proxy/tightwad/patches/llama.cpp/0001-server-verify-prompt-logprobs.patch,
+docs/verify-api.md).
 
 A verify round sends context + k draft tokens to the pooled target with ``prompt_logprobs: k``
 and ``n_predict: 1``; the server evaluates at most k + 1 new tokens in one batch and returns the

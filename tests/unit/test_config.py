@@ -37,8 +37,8 @@ def test_defaults() -> None:
     spec = config.speculation
     assert (spec.mode, spec.k_min, spec.k_max, spec.k_initial, spec.adaptive) == (
         "remote", 1, 16, 4, True)
-    assert config.limits.max_body_bytes == 1 << 20 and config.limits.max_tokens_cap == 4096
-    assert config.limits.default_max_tokens <= config.limits.max_tokens_cap
+    assert config.limits.max_body_bytes == 1 << 20 and config.limits.max_tokens_cap is None
+    assert config.limits.default_max_tokens is None  # until the end of the context
 
 
 def test_yaml_file_and_env_override(tmp_path: Path) -> None:
@@ -87,7 +87,7 @@ def test_env_errors_name_the_variable() -> None:
 def test_unknown_keys_list_the_known_ones(tmp_path: Path) -> None:
     assert error_of(write(tmp_path, "listen: {prot: 1}\n"), {}) == (
         "config error: listen.prot: unknown key; expected one of: host, port, "
-        "shutdown_grace_s")
+        "shutdown_grace_s, cors_origins, sse_keepalive_s")
     assert error_of(None, {"TIGHTWAD_LISTN__PORT": "1"}) == (
         "config error: listn (from TIGHTWAD_LISTN__PORT): unknown key; expected one of: "
         "listen, auth, target, drafter, speculation, limits")
@@ -99,8 +99,8 @@ def test_unknown_keys_list_the_known_ones(tmp_path: Path) -> None:
     ("speculation: {k_min: 5, k_max: 3}", "speculation: k_min (5) must not exceed k_max (3)"),
     ("speculation: {mode: turbo}", "speculation.mode: Input should be 'remote', 'native' or "
                                    "'off'"),
-    ("limits: {default_max_tokens: 9000}", "limits: default_max_tokens (9000) must not exceed "
-                                           "max_tokens_cap (4096)"),
+    ("limits: {max_tokens_cap: 4096, default_max_tokens: 9000}",
+     "limits: default_max_tokens (9000) must not exceed max_tokens_cap (4096)"),
     ("target: {url: 'localhost:8090'}", "target.url: expected an http:// or https:// base URL "
                                         "such as http://127.0.0.1:8090"),
     ("drafter: {timeout_s: 0}", "drafter.timeout_s: Input should be greater than 0"),

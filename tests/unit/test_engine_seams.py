@@ -39,11 +39,18 @@ def _position(context: Sequence[int], token: int) -> Position:
 
 class FakeServers(Servers):
     """The toy model as target; the drafter answers with ``draft_mode``: ``down`` (every
-    draft falls back), ``right`` (drafts what the target would say) or ``wrong``."""
+    draft falls back), ``right`` (drafts what the target would say) or ``wrong``, and says it
+    took ``draft_seconds``; a verify takes ``verify_sleep`` seconds. ``drafts`` records each
+    draft's length."""
 
-    def __init__(self, config: Config, draft_mode: str) -> None:
+    def __init__(self, config: Config, draft_mode: str, draft_seconds: float = 0.001,
+                 verify_sleep: float = 0.0) -> None:
         super().__init__(config)
         self.draft_mode = draft_mode
+        self.draft_seconds = draft_seconds
+        self.verify_sleep = verify_sleep
+        self.drafter_model = "toy-draft.gguf"
+        self.drafts: list[int] = []
         self.leased: list[int] = []
         self.target_info_value = TargetInfo(
             Props(total_slots=1, n_ctx=64, model="toy.gguf", bos_token="", eos_token="",
@@ -83,6 +90,8 @@ class FakeServers(Servers):
                      sampling: SamplingParams = SamplingParams(temperature=0.0),
                      seed: int | None = None, n_probs: int = 1, id_slot: int = -1,
                      ignore_eos: bool = False) -> Completion:
+        if self.verify_sleep:
+            await asyncio.sleep(self.verify_sleep)
         seq = [*context, *draft]
         first = len(seq) - scored - len(draft)
         after = toy_next(seq)
@@ -95,12 +104,14 @@ class FakeServers(Servers):
     async def draft(self, request: CompletionRequest) -> Drafted | NoDraft:
         if self.draft_mode == "down":
             return NoDraft("down", retry=True)
+        self.drafts.append(request.n_predict)
         seq = list(request.prompt)
         for _ in range(request.n_predict):
             nxt = toy_next(seq)
             seq.append(nxt if self.draft_mode == "right" else (nxt + 1) % VOCAB)
         tokens = tuple(seq[len(request.prompt):])
-        return Drafted(Completion(tokens=tokens, content="", stop_type="limit"), 0.001)
+        return Drafted(Completion(tokens=tokens, content="", stop_type="limit"),
+                       self.draft_seconds)
 
 
 def _config(**speculation: Any) -> Config:
@@ -154,6 +165,51 @@ def test_drafts_change_speed_only(mode: str) -> None:
     assert stats.rounds < 10 if mode == "right" else stats.rounds == 10
     assert engine.status()["stats"]["accepted"] == stats.accepted
     assert _metric(engine, "tightwad_accepted_tokens_total") == stats.accepted
+
+
+def test_a_second_request_starts_from_what_the_first_learned() -> None:
+    config = _config(k_initial=1)  # buckets 1, 2, 4
+    # Verifies cost round trips, drafts almost nothing, and every draft is right: k = 4 pays.
+    servers = FakeServers(config, "right", verify_sleep=0.005)
+    engine = Engine(config, servers=servers)
+    text, first = _generate(engine, [0], 16)
+    assert text == "bcdefghijklmnopq"
+    first_drafts = list(servers.drafts)
+    assert first_drafts[:2] == [1, 1], first_drafts  # nothing learned yet: k_initial
+    learned = engine.status()["speculation"]
+    assert learned["k"] == 4 and learned["rounds_learned"] == len(first_drafts)
+    assert learned["pair"] == {"target": "toy.gguf", "drafter": "toy-draft.gguf",
+                               "verify_limit": 8}
+    assert first.stats.alpha > 0.6  # above the prior: every draft was right
+    assert learned["alpha"]["greedy"] == pytest.approx(first.stats.alpha, abs=1e-4)
+
+    servers.drafts.clear()
+    text, second = _generate(engine, [3], 16)
+    assert text == "efghijklmnopqrst"
+    assert servers.drafts[0] == 4, servers.drafts  # from the first round on
+    assert second.stats.rounds < first.stats.rounds
+    assert engine.status()["speculation"]["rounds_learned"] == len(first_drafts) + len(
+        servers.drafts)
+
+
+def test_where_drafting_cannot_pay_rounds_go_without_a_draft_and_it_says_so() -> None:
+    config = _config(probe_every=0)
+    # A drafter that takes a second a draft and is always wrong: never worth it.
+    servers = FakeServers(config, "wrong", draft_seconds=1.0, verify_sleep=0.002)
+    engine = Engine(config, servers=servers)
+    text, first = _generate(engine, [0], 6)
+    assert text == "bcdefg" and first.stats.drafted > 0  # nothing known yet: it drafted
+    drafts = len(servers.drafts)
+    text, second = _generate(engine, [0], 6)
+    assert text == "bcdefg"  # the target's own output all the same
+    assert len(servers.drafts) == drafts and second.stats.drafted == 0  # no draft asked
+    assert second.stats.rounds == 6 and second.stats.fallbacks == 0  # paused, not failing
+    status = engine.status()["speculation"]
+    assert status["drafting"] is False, status
+    assert status["reason"].startswith("compute-bound at 1 stream: best k=1 predicts")
+    assert status["by_streams"]["1"]["target_only_measured"] is True
+    assert _metric(engine, 'tightwad_speculation_paused{reason="compute_bound"}') == 1.0
+    assert _metric(engine, "tightwad_speculation_k") == 1.0
 
 
 def test_a_prompt_longer_than_the_context_is_refused_and_counted() -> None:

@@ -159,7 +159,9 @@ def test_chat_request_is_parsed_with_llama_server_defaults() -> None:
         {"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}],
         "max_tokens": 1000, "stop": "END", "stream": True,
         "stream_options": {"include_usage": True}, "unknown_field": 1}, LIMITS)
-    assert req.max_tokens == 100 and req.stop == ("END",) and req.stream and req.include_usage
+    # The parser keeps what was asked; the engine's admission clamps it (and says so).
+    assert req.max_tokens == 1000 and req.stop == ("END",) and req.stream and req.include_usage
+    assert req.passthrough == ("unknown_field",)  # the coordinator may know it
     assert req.sampling == SamplingParams()
     assert req.messages[0]["content"][1] == {"type": "text", "text": "there"}
 
@@ -175,7 +177,7 @@ def test_chat_request_is_parsed_with_llama_server_defaults() -> None:
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 9}, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}, "logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "seed": 1.5}, "seed"),
     ({"messages": [{"role": "user", "content": "x"}], "top_k": 10 ** 30}, "top_k"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1e400}, "max_tokens"),

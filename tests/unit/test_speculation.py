@@ -10,14 +10,19 @@ import pytest
 from tightwad.decoding.sampling import Rng
 from tightwad.decoding.speculation import (
     AcceptanceEstimate,
-    AdaptiveK,
     CostModel,
     Line,
+    Plan,
     choose_k,
     expected_tokens,
     greedy_verify,
+    k_buckets,
+    level_streams,
+    load_level,
+    plan,
     predicted_speedup,
     residual,
+    round_rate,
     round_timed,
     speculative_sample,
 )
@@ -236,8 +241,8 @@ def test_cost_model_follows_a_change() -> None:
     assert model.fit()(4) == pytest.approx(0.1, rel=0.05)  # 0.9 ** 60: the old regime is gone
 
 
-def brute_force_k(a: float, draft: Line, verify: Line, k_min: int, k_max: int) -> int:
-    rates = {k: expected_tokens(a, k) / (draft(k) + verify(k)) for k in range(k_min, k_max + 1)}
+def brute_force_k(a: float, draft: Line, verify: Line, ks: list[int]) -> int:
+    rates = {k: expected_tokens(a, k) / (draft(k) + verify(k)) for k in ks}
     return max(rates, key=lambda k: (rates[k], -k))
 
 
@@ -247,64 +252,126 @@ def brute_force_k(a: float, draft: Line, verify: Line, k_min: int, k_max: int) -
     (Line(0.005, 0.02), Line(0.03, 0.004)),  # costly draft
     (Line(0.0, 0.0), Line(0.05, 0.0)),       # free drafting
 ])
-def test_choose_k_maximises_tokens_per_second(a: float, draft: Line, verify: Line) -> None:
-    k = choose_k(a, draft, verify, 1, 16)
-    assert k == brute_force_k(a, draft, verify, 1, 16)
+@pytest.mark.parametrize("ks", [list(range(1, 17)), [1, 2, 4, 8, 16], [3, 4, 8, 12]])
+def test_choose_k_maximises_tokens_per_second(a: float, draft: Line, verify: Line,
+                                              ks: list[int]) -> None:
+    assert choose_k(a, draft, verify, ks) == brute_force_k(a, draft, verify, ks)
 
 
 def test_choose_k_extremes() -> None:
-    assert choose_k(0.0, Line(0, 0.01), Line(0.1, 0.001), 2, 16) == 2  # useless draft: k_min
-    assert choose_k(1.0, Line(0, 0.0), Line(0.1, 0.0), 1, 12) == 12  # perfect, free: k_max
-    assert choose_k(0.9, Line(0, 0.0), Line(0.1, 0.0), 3, 3) == 3
+    assert choose_k(0.0, Line(0, 0.01), Line(0.1, 0.001), [2, 4, 16]) == 2  # useless: smallest
+    assert choose_k(1.0, Line(0, 0.0), Line(0.1, 0.0), [1, 2, 4, 8, 12]) == 12  # perfect, free
+    assert choose_k(0.9, Line(0, 0.0), Line(0.1, 0.0), [3]) == 3
+    with pytest.raises(ValueError, match="candidates"):
+        choose_k(0.5, Line(0, 0), Line(1, 0), [0, 4])
+
+
+def test_buckets_are_powers_of_two_within_the_bounds() -> None:
+    assert k_buckets(1, 16) == (1, 2, 4, 8, 16)
+    assert k_buckets(1, 12) == (1, 2, 4, 8, 12)  # k_max stays reachable
+    assert k_buckets(3, 16) == (3, 4, 8, 16)
+    assert k_buckets(5, 5) == (5,)
+    assert k_buckets(1, 1) == (1,)
     with pytest.raises(ValueError, match="k_min"):
-        choose_k(0.5, Line(0, 0), Line(1, 0), 0, 4)
+        k_buckets(4, 2)
 
 
-def test_adaptive_k_grows_with_acceptance_on_a_slow_pool() -> None:
-    ctl = AdaptiveK(k=4)
-    for _ in range(30):
-        ctl = ctl.observe(drafted=ctl.k, accepted=ctl.k, draft_seconds=0.002 * ctl.k,
-                          verify_seconds=0.1 + 0.001 * ctl.k)
-    assert ctl.k >= 12
+def test_load_levels_group_streams_by_powers_of_two() -> None:
+    assert [load_level(n) for n in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17)] == [0, 0, 1, 2, 2, 3, 3, 4,
+                                                                         4, 5]
+    assert [level_streams(level) for level in range(5)] == ["1", "2", "3-4", "5-8", "9-16"]
 
 
-def test_adaptive_k_shrinks_when_drafts_fail() -> None:
-    ctl = AdaptiveK(k=8)
-    for _ in range(30):
-        ctl = ctl.observe(drafted=ctl.k, accepted=0, draft_seconds=0.02 * ctl.k,
-                          verify_seconds=0.05 + 0.005 * ctl.k)
-    assert ctl.k == 1
+# Costs where k = 4 and k = 8 predict within a few percent of each other, k = 1 far less.
+NEAR_DRAFT, NEAR_VERIFY = Line(0.0, 0.002), Line(0.05, 0.004)
 
 
-def test_fixed_k_never_moves() -> None:
-    ctl = AdaptiveK(k=6, adaptive=False)
-    for _ in range(10):
-        ctl = ctl.observe(drafted=6, accepted=0, draft_seconds=0.1, verify_seconds=0.1)
-    assert ctl.k == 6
-    assert ctl.acceptance.rounds == 10  # still measured, for the metrics
+def test_hysteresis_keeps_k_unless_another_bucket_beats_it_by_the_margin() -> None:
+    ks = [1, 2, 4, 8, 16]
+    a = 0.8
+    rates = {k: round_rate(a, k, NEAR_DRAFT, NEAR_VERIFY) for k in ks}
+    best = max(rates, key=lambda k: rates[k])
+    runner_up = max((k for k in ks if k != best), key=lambda k: rates[k])
+    assert rates[best] < rates[runner_up] * 1.1, "the test needs a close call"
+    # Close: the current k stays, whichever of the two it is; without a margin the best wins.
+    assert choose_k(a, NEAR_DRAFT, NEAR_VERIFY, ks, current=runner_up, margin=0.1) == runner_up
+    assert choose_k(a, NEAR_DRAFT, NEAR_VERIFY, ks, current=best, margin=0.1) == best
+    assert choose_k(a, NEAR_DRAFT, NEAR_VERIFY, ks, current=runner_up, margin=0.0) == best
+    # A current k that is no candidate (k_initial off the buckets) is left at once.
+    assert choose_k(a, NEAR_DRAFT, NEAR_VERIFY, ks, current=best + 1, margin=0.1) == best
+    # Far: k = 1 is left at once.
+    assert rates[best] > rates[1] * 1.1
+    assert choose_k(a, NEAR_DRAFT, NEAR_VERIFY, ks, current=1, margin=0.1) == best
 
 
-def test_untimed_rounds_count_acceptance_but_not_cost() -> None:
-    ctl = AdaptiveK(k=4)
-    # The first round also evaluates a long prompt: 0.6 s that says nothing about k.
-    first = ctl.observe(drafted=4, accepted=4, draft_seconds=0.3, verify_seconds=0.6,
-                        timed=False)
-    assert first.acceptance.rounds == 1 and first.verify_cost == ctl.verify_cost
-    assert first.draft_cost == ctl.draft_cost and first.k == 4
-    # Timed the same, it would have dragged the fitted cost of every later round up.
-    timed = ctl.observe(drafted=4, accepted=4, draft_seconds=0.3, verify_seconds=0.6)
-    assert timed.verify_cost.fit()(4) == pytest.approx(0.6)
+def test_hysteresis_holds_k_while_the_estimate_wobbles() -> None:
+    """Acceptance estimates that wander a little around the truth leave k (the batch shape)
+    alone; without a margin k flips between buckets."""
+    ks, rng = [1, 2, 4, 8, 16], random.Random(3)
+    draft, verify = Line(0.0, 0.0015), Line(0.05, 0.003)
+    wobble = [0.8 + rng.uniform(-0.04, 0.04) for _ in range(200)]
+
+    def changes(margin: float) -> int:
+        k, moves = 4, 0
+        for a in wobble:
+            nxt = choose_k(a, draft, verify, ks, current=k, margin=margin)
+            moves += nxt != k
+            k = nxt
+        return moves
+
+    assert changes(0.0) > 5
+    assert changes(0.1) <= 1
 
 
-def test_k_at_most_doubles_per_round() -> None:
-    ctl = AdaptiveK(k=2, k_max=32)
-    seen = [ctl.k]
-    for _ in range(6):  # perfect, nearly free drafts: the optimum is k_max at once
-        ctl = ctl.observe(drafted=ctl.k, accepted=ctl.k, draft_seconds=1e-4 * ctl.k,
-                          verify_seconds=0.1)
-        seen.append(ctl.k)
-    assert seen[:5] == [2, 4, 8, 16, 32]
-    assert all(b <= 2 * a for a, b in zip(seen, seen[1:]))
+DRAFT, VERIFY = Line(0.002, 0.002), Line(0.05, 0.003)
+
+
+def _plan(a: float = 0.8, draft: Line | None = DRAFT, verify: Line | None = VERIFY,
+          current: int = 4, paused: bool = False, streams: int = 1) -> Plan:
+    return plan(a, draft, verify, [1, 2, 4, 8, 16], current, paused, streams, 0.1)
+
+
+def test_plan_drafts_while_it_pays_and_names_the_prediction() -> None:
+    p = _plan()
+    assert p.drafting and p.k in (4, 8) and p.speedup is not None and p.speedup > 1.5
+    # Target-only: a round without a draft, verify(0) = 50 ms a token.
+    assert p.speedup == pytest.approx(round_rate(0.8, p.k, DRAFT, VERIFY) * 0.05)
+    assert p.reason == f"best k={p.k} predicts {p.speedup:.2f}x of target-only at 1 stream"
+
+
+def test_plan_pauses_when_the_pool_is_compute_bound() -> None:
+    # Under load the target's batch is full: each verified token costs nearly a step.
+    loaded = Line(0.02, 0.018)
+    p = _plan(verify=loaded, streams=8)
+    assert not p.drafting and p.speedup is not None and p.speedup < 1.0
+    assert p.k == 1  # under load k shrinks first: 1 is the least bad
+    assert p.reason == (f"compute-bound at 8 streams: best k=1 predicts {p.speedup:.2f}x of "
+                        "target-only")
+
+
+def test_plan_resumes_only_past_the_margin() -> None:
+    # Drafting at k=1 predicts 1.05x, then 1.2x, of target-only.
+    for speedup, drafting, paused in [(1.05, True, False), (1.05, False, True),
+                                      (1.2, True, True)]:
+        # E(a, 1) = 1 + a; draft free; verify(1) = (1 + a) * verify(0) / speedup.
+        a, v0 = 0.5, 0.01
+        verify = Line(v0, (1 + a) * v0 / speedup - v0)
+        p = plan(a, Line(0.0, 0.0), verify, [1], 1, paused, 1, 0.1)
+        assert p.speedup == pytest.approx(speedup)
+        assert p.drafting is drafting, (speedup, paused)
+
+
+def test_plan_without_timings_at_this_load_drafts_at_the_current_k() -> None:
+    p = _plan(draft=None, current=8, paused=True, streams=3)
+    assert p.drafting and p.k == 8 and p.speedup is None and "3 streams" in p.reason
+
+
+def test_plan_keeps_k_in_a_close_call() -> None:
+    rates = {k: round_rate(0.8, k, NEAR_DRAFT, NEAR_VERIFY) for k in (4, 8)}
+    assert abs(rates[4] / rates[8] - 1) < 0.1
+    for current in (4, 8):
+        assert plan(0.8, NEAR_DRAFT, NEAR_VERIFY, [1, 2, 4, 8, 16], current, False, 1,
+                    0.1).k == current
 
 
 @pytest.mark.parametrize("rounds_before, evaluated, drafted, appended, pending, timed", [
@@ -316,8 +383,3 @@ def test_k_at_most_doubles_per_round() -> None:
 ])
 def test_round_timed(rounds_before, evaluated, drafted, appended, pending, timed) -> None:
     assert round_timed(rounds_before, evaluated, drafted, appended, pending) is timed
-
-
-def test_adaptive_k_validates_bounds() -> None:
-    with pytest.raises(ValueError, match="k_min <= k <= k_max"):
-        AdaptiveK(k=20, k_max=16)

@@ -1,4 +1,4 @@
-"""The ``tightwad`` command line: init, doctor, start, stop, status, swap, bench.
+"""The ``tightwad`` command line: init, doctor, start, stop, status, swap, bench, serve.
 
 Every command exits 0 on success and non-zero with one readable ``error:`` line otherwise
 (2 for bad usage or input, 1 for a failure found or met); no tracebacks.
@@ -12,15 +12,23 @@ from collections.abc import Sequence
 
 from rich.markup import escape
 
+from tightwad import __version__
+from tightwad.build import PIN_COMMIT
 from tightwad.cli.common import CliError, err_console
 
 
+def version() -> str:
+    """The package's version and the llama.cpp commit every host of its pools runs."""
+    return f"tightwad {__version__} (llama.cpp {PIN_COMMIT})"
+
+
 def _parser() -> argparse.ArgumentParser:
-    from tightwad.cli import bench, doctor, init, pool, swap
+    from tightwad.cli import bench, doctor, init, pool, serve, swap
 
     parser = argparse.ArgumentParser(
         prog="tightwad", description="Pool mismatched machines into one OpenAI-compatible "
         "endpoint. Quick start: tightwad init, tightwad doctor, tightwad start.")
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     init.add_parser(sub)
@@ -28,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     pool.add_parsers(sub)
     swap.add_parser(sub)
     bench.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

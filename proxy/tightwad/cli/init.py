@@ -1,8 +1,10 @@
-"""``tightwad init``: discover the LAN, propose roles and a tensor split, write the inventory."""
+"""``tightwad init``: discover the LAN, propose roles and a tensor split, write the inventory
+with a strong proxy token, and say how clients connect."""
 
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +15,7 @@ from rich.table import Table
 
 from tightwad import defaults
 from tightwad.cli.common import DEFAULT_INVENTORY, CliError, console, err_console
+from tightwad.config import token_weakness
 from tightwad.pool import discovery, rpcproto
 from tightwad.pool import inventory as inv_mod
 from tightwad.pool import placement as splits
@@ -206,6 +209,28 @@ def propose(found: Sequence[discovery.HostFinding], *, local: bool, model: Path 
     return inv, notes
 
 
+def proxy_token(replaced: Path) -> tuple[str, bool]:
+    """The proxy token to write, and whether it is the one of the inventory being replaced
+    (kept when strong, so its clients keep working); else a new one of 256 random bits."""
+    try:
+        old = inv_mod.load(replaced)[0].proxy_token if replaced.is_file() else None
+    except (inv_mod.InventoryError, OSError):
+        old = None
+    if isinstance(old, str) and token_weakness(old) is None:
+        return old, True
+    return secrets.token_urlsafe(32), False
+
+
+def proxy_url(inv: inv_mod.Inventory) -> str:
+    """The base URL clients use: the proxy host's pool address, where the proxy role binds
+    when there is a token (roles/proxy/defaults/main.yml)."""
+    (host,) = inv.group("proxy")
+    address = host.pool_address
+    if ":" in address:
+        address = f"[{address}]"
+    return f"http://{address}:{host.port('proxy_port', inv_mod.PROXY_PORT)}/v1"
+
+
 def _roles_table(inv: inv_mod.Inventory) -> Table:
     table = Table(title="proposed pool")
     for col in ("group", "host", "address", "details"):
@@ -281,11 +306,20 @@ def run(args: argparse.Namespace) -> int:
     if interactive and not Confirm.ask(f"write {out}?", default=True):
         console.print("nothing written")
         return 1
+    token, kept = proxy_token(out)
+    inventory.vars["tightwad_proxy_token"] = token
     header = ("Written by `tightwad init`. Check it: tightwad doctor -i " + str(out) +
-              "\nDeploy it: tightwad start -i " + str(out) + "  (ansible-playbook site.yml)")
+              "\nDeploy it: tightwad start -i " + str(out) + "  (ansible-playbook site.yml)" +
+              "\ntightwad_proxy_token: the bearer token clients send; keep this file private")
     try:
         inv_mod.write_atomic(out, inventory.to_yaml(header), force=args.force)
     except inv_mod.InventoryError as exc:
         raise CliError(str(exc), 2) from None
-    console.print(f"[green]wrote {out}[/]; next: tightwad doctor -i {out}")
+    console.print(f"[green]wrote {out}[/] (mode 0600); next: tightwad doctor -i {out}, then "
+                  f"tightwad start -i {out}")
+    url = proxy_url(inventory)
+    console.print(f"clients connect to [bold]{url}[/] with the bearer token "
+                  f"all.vars.tightwad_proxy_token from {out} "
+                  f"({'kept from the inventory it replaces' if kept else 'newly generated'}): "
+                  f'OpenAI(base_url="{url}", api_key=<that token>)', soft_wrap=True)
     return 0

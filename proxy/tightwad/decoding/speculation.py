@@ -21,7 +21,7 @@ the target accepts one drafted token, given all earlier ones were accepted; NOT 
 tokens, and with a draft/target cost ratio c the speedup over the target alone is
 ``S = E(a, k) / (k c + 1)``. The proxy does not trust a fixed c: it measures. The rule:
 
-    k* = argmax over k in [k_min, k_max] of  E(a_hat, k) / (t_draft(k) + t_verify(k))
+    k* = argmax over k in the buckets of  E(a_hat, k) / (t_draft(k) + t_verify(k))
 
 - ``a_hat`` is the mean of a Beta posterior over a (:class:`AcceptanceEstimate`). A round that
   drafted k and accepted n is n successes followed by one failure if n < k, so the exact
@@ -34,11 +34,19 @@ tokens, and with a draft/target cost ratio c the speedup over the target alone i
   proportional to the measured mean (per-token cost = ``prior_ratio`` x fixed cost: 1.0 for
   drafting, which decodes token after token, 0.1 for verifying, one batch) and the
   line always passes through the mean of what was measured; slopes and intercepts are clamped
-  at 0.
-- Ties go to the smaller k (same throughput, less work thrown away on rejection). Until both
-  costs have measurements the controller keeps its current k.
+  at 0. The engine keeps one pair of lines per load level (:func:`load_level`: streams in
+  flight, by powers of two), since sharing the servers' batches makes every round slower.
+- The buckets (:func:`k_buckets`: powers of two within ``[k_min, k_max]``) keep the batch shape
+  stable; :func:`choose_k` leaves the current k unless another bucket predicts more than
+  ``1 + margin`` times its tokens/s. Ties go to the smaller k (same throughput, less work thrown
+  away on rejection).
+- :func:`plan` compares the best k with target-only decoding (a round without a draft,
+  ``t_verify(0)`` a token) at the same load: when drafting predicts no more tokens/s (the pool
+  is compute-bound: the target's batch is full anyway), rounds go without a draft until
+  drafting predicts more than ``1 + margin`` times target-only again.
 
-:class:`AdaptiveK` bundles the estimate, the two cost models and the bounds for the engine.
+The state (one estimate per drafter/target pair, shared by its requests) lives in
+:mod:`tightwad.engine.learning`; this module is the math.
 """
 
 from __future__ import annotations
@@ -257,58 +265,92 @@ class CostModel:
         return Line(fixed=max(my - slope * mx, 0.0), per_token=slope)
 
 
-def choose_k(a: float, draft: Line, verify: Line, k_min: int, k_max: int) -> int:
-    """The k in [k_min, k_max] that maximises E(a, k) / (draft(k) + verify(k)); ties -> smaller."""
+def load_level(streams: int) -> int:
+    """Streams in flight grouped by powers of two (1, 2, 3-4, 5-8, 9-16, ...): levels 0, 1, 2,
+    3, 4, ... Costs are kept per level, since a round's times depend on how many streams share
+    the coordinator's (and the drafter's) batches."""
+    return max(0, streams - 1).bit_length()
+
+
+def level_streams(level: int) -> str:
+    """The stream counts a level stands for, as text (``"5-8"``)."""
+    if level <= 1:
+        return str(level + 1)
+    return f"{2 ** (level - 1) + 1}-{2 ** level}"
+
+
+def k_buckets(k_min: int, k_max: int) -> tuple[int, ...]:
+    """The draft lengths k is chosen from: the powers of two within [k_min, k_max], and the
+    bounds themselves. Few lengths mean few batch shapes, so the coordinator can reuse its graph."""
     if not 1 <= k_min <= k_max:
         raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
-    best_k, best_rate = k_min, -1.0
-    for k in range(k_min, k_max + 1):
-        seconds = draft(k) + verify(k)
-        rate = expected_tokens(a, k) / seconds if seconds > 0 else math.inf
+    powers = {2 ** i for i in range(k_max.bit_length()) if k_min <= 2 ** i <= k_max}
+    return tuple(sorted(powers | {k_min, k_max}))
+
+
+def round_rate(a: float, k: int, draft: Line, verify: Line) -> float:
+    """Predicted tokens per second of one stream drafting k: E(a, k) / (draft(k) + verify(k))."""
+    seconds = draft(k) + verify(k)
+    return expected_tokens(a, k) / seconds if seconds > 0 else math.inf
+
+
+def choose_k(a: float, draft: Line, verify: Line, candidates: Sequence[int],
+             current: int | None = None, margin: float = 0.0) -> int:
+    """The candidate with the most predicted tokens per second (ties: the smaller k), except
+    that ``current`` (one of the candidates) stays unless the best beats it by more than
+    ``margin`` (hysteresis: every change of k is a new batch shape)."""
+    if not candidates or min(candidates) < 1:
+        raise ValueError(f"need candidates k >= 1, got {list(candidates)}")
+    best_k, best_rate = candidates[0], -1.0
+    for k in sorted(candidates):
+        rate = round_rate(a, k, draft, verify)
         if rate > best_rate * (1.0 + 1e-9):
             best_k, best_rate = k, rate
-    return best_k
+    if current is None or current == best_k or current not in candidates:
+        return best_k
+    return best_k if best_rate > round_rate(a, current, draft, verify) * (1.0 + margin) \
+        else current
 
 
 @dataclass(frozen=True)
-class AdaptiveK:
-    """The engine's k controller: observe each round, read :attr:`k` for the next one."""
+class Plan:
+    """What the proxy does at a given load: draft k tokens per round, or run rounds without a
+    draft (the pool is compute-bound)."""
 
-    k: int = 4
-    k_min: int = 1
-    k_max: int = 16
-    adaptive: bool = True
-    acceptance: AcceptanceEstimate = AcceptanceEstimate()
-    # Drafting decodes one token after another (per-token cost ~ the call's fixed cost);
-    # verifying batches them, so its per-token cost is small next to the round trips.
-    draft_cost: CostModel = CostModel(prior_ratio=1.0)
-    verify_cost: CostModel = CostModel(prior_ratio=0.1)
+    drafting: bool
+    """False: rounds run target-only (no draft), but for a probe now and then."""
+    k: int
+    """The chosen draft length (also while paused: what a probe drafts)."""
+    streams: int
+    """Streams in flight the plan was made for."""
+    speedup: float | None
+    """Predicted tokens/s drafting k over target-only decoding at this load (None: not yet
+    measured)."""
+    reason: str
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.k_min <= self.k <= self.k_max:
-            raise ValueError(f"need 1 <= k_min <= k <= k_max, got k_min={self.k_min}, "
-                             f"k={self.k}, k_max={self.k_max}")
 
-    def observe(self, drafted: int, accepted: int, draft_seconds: float,
-                verify_seconds: float, timed: bool = True) -> AdaptiveK:
-        """Fold in one round and pick the next k (unchanged when not adaptive).
+def plan(a: float, draft: Line | None, verify: Line | None, candidates: Sequence[int],
+         current: int, paused: bool, streams: int, margin: float) -> Plan:
+    """Choose k (with hysteresis around ``current``) and whether drafting pays at this load.
 
-        ``timed=False``: the round's times measure something else too (the first round of a
-        request also evaluates its whole prompt, on both servers); only its acceptance counts.
-        k grows at most by doubling per round, so one noisy timing cannot fling it to k_max.
-        """
-        acceptance = self.acceptance.observe(drafted, accepted)
-        draft_cost, verify_cost = self.draft_cost, self.verify_cost
-        if timed:
-            draft_cost = draft_cost.observe(drafted, draft_seconds)
-            verify_cost = verify_cost.observe(drafted, verify_seconds)
-        k = self.k
-        draft_line, verify_line = draft_cost.fit(), verify_cost.fit()
-        if self.adaptive and draft_line is not None and verify_line is not None:
-            k = min(choose_k(acceptance.mean, draft_line, verify_line, self.k_min, self.k_max),
-                    2 * self.k)
-        return replace(self, k=k, acceptance=acceptance, draft_cost=draft_cost,
-                       verify_cost=verify_cost)
+    ``draft``/``verify`` are the fitted round costs at this load; target-only decoding is a
+    round without a draft, ``verify(0)`` seconds a token. A load without timed rounds drafts, to
+    learn it, at ``current``. Drafting pauses when the best k predicts no more tokens/s than
+    target-only, and resumes when it predicts more than ``1 + margin`` times target-only.
+    """
+    at = f"{streams} stream{'' if streams == 1 else 's'}"
+    if draft is None or verify is None:  # draft, to learn this load
+        return Plan(True, current, streams, None, f"k={current}: no timed rounds at {at} yet")
+    k = choose_k(a, draft, verify, candidates, current, margin)
+    baseline = verify(0)
+    rate = round_rate(a, k, draft, verify)
+    speedup = rate * baseline if baseline > 0 else math.inf
+    drafting = speedup > (1.0 + margin if paused else 1.0)
+    if drafting:
+        reason = f"best k={k} predicts {speedup:.2f}x of target-only at {at}"
+    else:
+        reason = f"compute-bound at {at}: best k={k} predicts {speedup:.2f}x of target-only"
+    return Plan(drafting, k, streams, speedup, reason)
 
 
 def round_timed(rounds_before: int, evaluated: int, drafted: int, appended: int,

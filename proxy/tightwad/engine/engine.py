@@ -5,11 +5,18 @@ sent, with the tokens it came from), then :class:`Finished` (reason, usage, stat
 :class:`Failed` (what went wrong, with the HTTP status it deserves). It validates the prompt,
 leases a target slot for the request's lifetime (so a slot's prompt cache holds exactly that
 request's context; more requests than slots queue), then dispatches: remote mode runs
-speculation rounds (:class:`tightwad.engine.rounds.SpeculativeRun`); when speculation is
+speculation rounds (:class:`tightwad.engine.rounds.SpeculativeRun`, k from what earlier
+requests learned: :mod:`tightwad.engine.learning`); when speculation is
 impossible (tokenizer mismatch, a coordinator without the verify patch) and in the native and
 off modes, the request is passed through as one streamed target ``/completion``. Upstream
 failures become :class:`Failed` (:func:`failure`). Every statistic goes to
 :class:`tightwad.engine.telemetry.Telemetry`.
+
+Before a request starts, :meth:`Engine.admit` says whether the target takes its prompt and how
+many tokens it may generate (so the API can answer 4xx, or open a stream at once, before the
+request waits for a slot). A request whose fields speculation cannot keep exact (tools,
+grammars, log-probabilities, penalties, ...) goes to the coordinator's own OpenAI endpoint
+with its leased slot (:meth:`Engine.forward_openai`), the reasons counted.
 """
 
 from __future__ import annotations
@@ -17,12 +24,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from tightwad.config import Config
 from tightwad.decoding.acceptance import VerifyMismatch
 from tightwad.decoding.detok import StopMatcher
-from tightwad.engine.events import Event, Failed, Finished, GenerationRequest, TextDelta
+from tightwad.engine.events import Event, Failed, Finished, Forwarded, GenerationRequest, TextDelta
+from tightwad.engine.learning import Learning
 from tightwad.engine.rounds import SpeculativeRun
 from tightwad.engine.servers import Servers, TargetInfo
 from tightwad.engine.telemetry import RequestStats, Telemetry
@@ -32,9 +42,12 @@ from tightwad.llamaserver.wire import (
     UpstreamError,
     UpstreamFailure,
     UpstreamTimeout,
+    openai_finish,
+    openai_usage,
 )
 
-__all__ = ["Engine", "Event", "Failed", "Finished", "GenerationRequest", "TextDelta", "failure"]
+__all__ = ["Admission", "Engine", "Event", "Failed", "Finished", "Forwarded",
+           "GenerationRequest", "TextDelta", "failure"]
 
 log = logging.getLogger("tightwad.engine.engine")
 
@@ -51,14 +64,45 @@ def failure(exc: UpstreamFailure) -> Failed:
     return Failed(502, f"the model server failed: {exc}", "upstream_error")
 
 
+_INPUTS = {"image_url": ("vision", "images"), "input_audio": ("audio", "audio")}
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The target takes the prompt: how many tokens the request may generate."""
+
+    max_tokens: int
+    requested: int | None
+    clamped_by: str | None
+    """Why ``max_tokens`` is less than requested: ``limits.max_tokens_cap`` or ``context``
+    (None: not clamped)."""
+
+
 def _refusal(request: GenerationRequest, info: TargetInfo) -> Failed | None:
     """Why the target cannot take this prompt at all, if it cannot."""
-    if len(request.prompt) >= info.props.n_ctx:
-        return Failed(400, f"the prompt has {len(request.prompt)} tokens but the model's "
+    return _prompt_refusal(request.prompt, info)
+
+
+def _input_refusal(info: TargetInfo, inputs: Collection[str]) -> Failed | None:
+    """Content parts beyond text that the served model does not take."""
+    for part in inputs:
+        modality, what = _INPUTS.get(part, (None, ""))
+        if modality is not None and modality not in info.props.modalities:
+            return Failed(400, f"the served model does not take {what} ({part} content "
+                               "parts)", "unsupported_input")
+    return None
+
+
+def _prompt_refusal(prompt: Sequence[int], info: TargetInfo,
+                    inputs: Collection[str] = ()) -> Failed | None:
+    if len(prompt) >= info.props.n_ctx:
+        return Failed(400, f"the prompt has {len(prompt)} tokens but the model's "
                            f"context per slot is {info.props.n_ctx}; shorten it",
                       "context_length_exceeded")
+    if refused := _input_refusal(info, inputs):
+        return refused
     n_vocab = info.props.n_vocab
-    if n_vocab and any(t >= n_vocab for t in request.prompt):
+    if n_vocab and any(t >= n_vocab for t in prompt):
         return Failed(400, f"the prompt holds token ids outside the vocabulary "
                            f"(0..{n_vocab - 1})", "invalid_token")
     return None
@@ -72,6 +116,7 @@ class Engine:
         self.config = config
         self.servers = servers or Servers(config)
         self.telemetry = Telemetry(lambda: self.servers.speculation_active)
+        self.learning = Learning(config.speculation, self.telemetry)
 
     async def start(self) -> None:
         await self.servers.start()
@@ -92,10 +137,54 @@ class Engine:
     async def tokenize(self, text: str) -> list[int]:
         return await self.servers.tokenize(text)
 
-    async def render_chat(self, messages: Sequence[Mapping[str, object]]) -> list[int]:
+    async def render_chat(self, messages: Sequence[Mapping[str, object]],
+                          extra: Mapping[str, Any] | None = None) -> list[int]:
         """The target's own chat template, tokenized once (docs/architecture.md)."""
-        prompt = await self.servers.apply_template(messages)
-        return await self.tokenize(prompt)
+        return (await self.chat_prompt(messages, extra))[1]
+
+    async def chat_prompt(self, messages: Sequence[Mapping[str, object]],
+                          extra: Mapping[str, Any] | None = None) -> tuple[str, list[int]]:
+        """The prompt text the target's chat template makes of ``messages`` (with ``extra``
+        request fields that shape it: tools, ``chat_template_kwargs``), and its tokens."""
+        prompt = await self.servers.apply_template(messages, extra)
+        return prompt, await self.tokenize(prompt)
+
+    async def chat_template(self) -> str:
+        """The target's chat template source."""
+        return (await self.servers.target_info()).props.chat_template
+
+    async def model_card(self) -> tuple[str, int, Mapping[str, Any]]:
+        """The served model: its name, the context one request may use, the target's meta."""
+        info = await self.servers.target_info()
+        return await self.model_name(), info.props.n_ctx, info.props.meta
+
+    async def forward(self, path: str, body: Any) -> tuple[int, Any]:
+        """A target route passed on as it is (embeddings, tokenize, detokenize)."""
+        return await self.servers.forward(path, body)
+
+    async def refuse_inputs(self, inputs: Collection[str]) -> Failed | None:
+        """Why the target cannot take content parts of the kinds ``inputs`` names (images,
+        audio), if it cannot: asked before the prompt is rendered, which would fail."""
+        return _input_refusal(await self.servers.target_info(), inputs)
+
+    async def admit(self, prompt: Sequence[int], max_tokens: int | None,
+                    inputs: Collection[str] = ()) -> Admission | Failed:
+        """Whether the target takes ``prompt`` (and content parts of the kinds ``inputs``
+        names), and how many tokens the request may generate: ``max_tokens`` (None: until the
+        end of the context) within ``limits.max_tokens_cap`` and the context."""
+        info = await self.servers.target_info()
+        if refused := _prompt_refusal(prompt, info, inputs):
+            return refused
+        room = info.props.n_ctx - len(prompt)
+        cap = self.config.limits.max_tokens_cap
+        granted = min(room, cap) if cap is not None else room
+        if max_tokens is not None:
+            granted = min(granted, max_tokens)
+        clamped = None
+        if granted < (max_tokens if max_tokens is not None else room):
+            clamped = "limits.max_tokens_cap" if cap is not None and granted == cap \
+                else "context"
+        return Admission(granted, max_tokens, clamped)
 
     async def model_name(self) -> str:
         info = await self.servers.target_info()
@@ -103,7 +192,9 @@ class Engine:
         return name.removesuffix(".gguf") or "tightwad"
 
     def status(self) -> dict:
-        return {**self.servers.status(), "stats": self.telemetry.status()}
+        return {**self.servers.status(), "speculation": self.learning.status(),
+                "stats": self.telemetry.status(),
+                "passed_through": self.telemetry.passed_through()}
 
     # -- generation -----------------------------------------------------------------------
 
@@ -124,8 +215,10 @@ class Engine:
             telemetry.slot_taken(stats, time.monotonic() - started)
             if self.servers.speculation_possible(info):
                 stats.speculative = self.servers.speculation_active
+                learned = self.learning.pair(info.props.model, self.servers.drafter_model,
+                                             info.verify_limit)
                 events = SpeculativeRun(self.servers, telemetry, self.config.speculation,
-                                        request, info, slot, stats).events()
+                                        request, info, slot, stats, learned).events()
             else:
                 events = self._passthrough(request, info, slot, stats)
             # aclosing: a client that goes away closes this generator, and that must close the
@@ -173,3 +266,45 @@ class Engine:
                     return
         finally:
             await stream.aclose()
+
+    async def forward_openai(self, path: str, body: Mapping[str, Any], prompt: Sequence[int],
+                             reasons: Sequence[str], stream: bool
+                             ) -> AsyncGenerator[Forwarded | Finished | Failed, None]:
+        """A request passed through to the target's own OpenAI endpoint (``path``) on a
+        leased slot, unspeculated, for ``reasons``: its chunks (or whole answer) as
+        :class:`Forwarded`, then :class:`Finished` or :class:`Failed`."""
+        telemetry = self.telemetry
+        stats = telemetry.request_started(self.config.speculation.mode)
+        telemetry.on_pass_through(reasons)
+        started = time.monotonic()
+        slot: int | None = None
+        try:
+            await self.servers.target_info()
+            with telemetry.waiting_for_slot(len(prompt)):
+                slot = await self.servers.lease_target_slot(prompt)
+            telemetry.slot_taken(stats, time.monotonic() - started)
+            sent = {**body, "id_slot": slot}
+            finish: str | None = None
+            use: tuple[int, int] | None = None
+            if stream:
+                chunks = self.servers.openai_stream(path, sent)
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        finish = openai_finish(chunk) or finish
+                        use = openai_usage(chunk) or use
+                        yield Forwarded(chunk)
+            else:
+                answer = await self.servers.openai(path, sent)
+                finish, use = openai_finish(answer), openai_usage(answer)
+                yield Forwarded(answer)
+            prompt_n, completion_n = use or (len(prompt), 0)
+            telemetry.on_tokens(stats, completion_n)
+            telemetry.request_finished(stats, time.monotonic() - started)
+            yield Finished(finish or "stop", prompt_n, completion_n, stats)
+        except UpstreamFailure as exc:
+            telemetry.request_failed()
+            yield failure(exc)
+        finally:
+            if slot is not None:
+                self.servers.release_target_slot(slot, prompt)
+                telemetry.slot_released()

@@ -52,3 +52,11 @@ class Failed:
 
 
 Event = Union[TextDelta, Finished, Failed]  # noqa: UP007 - a runtime alias; X | Y needs 3.10 objects
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """A chunk (or the whole answer) of the coordinator's own OpenAI endpoint, for a request
+    passed through unspeculated: the app sends it on as it is."""
+
+    data: dict

@@ -2,8 +2,9 @@
 
 Per round (:class:`SpeculativeRun`): plan k, draft k tokens on the drafter, verify them in one
 target pass (``prompt_logprobs``, docs/verify-api.md), decide with
-:func:`tightwad.decoding.acceptance.decide_round`, emit. k adapts per request
-(:class:`tightwad.decoding.speculation.AdaptiveK`). A round without a draft (the drafter down,
+:func:`tightwad.decoding.acceptance.decide_round`, emit. k comes from what the requests of this
+drafter/target pair learned, at the current load (:class:`tightwad.engine.learning.PairLearning`),
+and every round teaches it. A round without a draft (the drafter down,
 slow, busy or erroring, see :meth:`tightwad.engine.servers.Servers.draft`) runs target-only: one
 token from the target. No HTTP here.
 """
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 from tightwad.config import SpeculationConfig
 from tightwad.decoding.acceptance import Outcome, decide_round, usable_draft
 from tightwad.decoding.sampling import Rng, SamplingParams, SparseDist
-from tightwad.decoding.speculation import AcceptanceEstimate, AdaptiveK, round_timed
+from tightwad.decoding.speculation import round_timed
 from tightwad.decoding.transcript import Transcript
 from tightwad.engine.events import Event, Finished, GenerationRequest, TextDelta
+from tightwad.engine.learning import PairLearning
 from tightwad.engine.servers import NoDraft, Servers, TargetInfo
 from tightwad.engine.telemetry import RequestStats, Round, Telemetry
 from tightwad.llamaserver.wire import Completion, CompletionRequest
@@ -54,7 +56,7 @@ class SpeculativeRun:
 
     def __init__(self, servers: Servers, telemetry: Telemetry, config: SpeculationConfig,
                  request: GenerationRequest, info: TargetInfo, slot: int,
-                 stats: RequestStats) -> None:
+                 stats: RequestStats, learned: PairLearning) -> None:
         self.servers = servers
         self.telemetry = telemetry
         self.request = request
@@ -65,14 +67,8 @@ class SpeculativeRun:
         self.rng = Rng(self.params.seed)
         self.banned = info.eog if request.ignore_eos else frozenset()
         self.n_probs = probs_wanted(self.params, self.banned, config.n_probs)
-        k_max = max(1, min(config.k_max, info.verify_limit))
-        k_min = min(config.k_min, k_max)
-        # A seeded sampling request keeps k fixed: k follows measured timings, and the random
-        # stream a round consumes depends on k, so an adaptive k would make seeds irreproducible.
-        adaptive = config.adaptive and (self.params.greedy or self.params.seed is None)
-        self.control = AdaptiveK(k=max(k_min, min(config.k_initial, k_max)), k_min=k_min,
-                                 k_max=k_max, adaptive=adaptive,
-                                 acceptance=AcceptanceEstimate.with_prior())
+        self.learned = learned
+        self.streams = 1  # streams in flight when this round started: its load
         self.transcript = Transcript(request.max_tokens, request.stop,
                                      frozenset() if request.ignore_eos else info.eog)
         self.context = list(request.prompt)
@@ -118,9 +114,14 @@ class SpeculativeRun:
         return self.info.props.n_ctx - len(self.context)
 
     def _plan_k(self, pending: int) -> int:
-        """This round's draft length: the controller's k within what is left of max_tokens,
-        the context and the coordinator's verify limit (the pending tokens count against it)."""
-        return min(self.control.k, self.request.max_tokens - self.transcript.count - 1,
+        """This round's draft length: the learned k at the current load, within what is left
+        of max_tokens, the context and the coordinator's verify limit (the pending tokens count
+        against it). A seeded sampling request keeps k_initial (its random stream depends on
+        k); k never changes the output otherwise."""
+        self.streams = max(1, self.telemetry.in_flight)
+        k = self.learned.round_k(self.params, self.streams)
+        self.stats.last_k = k
+        return min(k, self.request.max_tokens - self.transcript.count - 1,
                    self._room() - 1, self.info.verify_limit - pending)
 
     async def _draft(self, k: int) -> Draft:
@@ -163,11 +164,10 @@ class SpeculativeRun:
                                self.n_probs, self.banned)
         self.target_only_next = outcome.cut
         drafted = len(draft.tokens)
-        if drafted:
-            timed = round_timed(self.stats.rounds, verify.timings.prompt_n, drafted,
-                                self.appended, pending)
-            self.control = self.control.observe(drafted, outcome.accepted,
-                                                draft.seconds or 0.0, verify_s, timed=timed)
+        timed = round_timed(self.stats.rounds, verify.timings.prompt_n, drafted,
+                            self.appended, pending)
+        self.learned.observe_round(self.params.greedy, self.streams, drafted, outcome.accepted,
+                                   draft.seconds, verify_s, timed)
         return outcome
 
     def _emit(self, draft: Draft, outcome: Outcome,
@@ -180,7 +180,7 @@ class SpeculativeRun:
         self.telemetry.on_round(self.stats, Round(
             drafted=len(draft.tokens), accepted=outcome.accepted, tokens=len(taken.tokens),
             draft_seconds=draft.seconds, verify_seconds=verify_s))
-        self.stats.last_k, self.stats.alpha = self.control.k, self.control.acceptance.mean
+        self.stats.alpha = self.learned.acceptance[self.params.greedy].mean
         delta = TextDelta(taken.text, taken.tokens) if taken.text or taken.tokens else None
         return delta, taken.reason
 

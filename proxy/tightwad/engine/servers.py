@@ -10,6 +10,10 @@ past ``drafter.timeout_s``, busy or erroring gives :class:`NoDraft` (the round r
 instead of an exception. A failure closes a gate with exponential backoff; the first answer
 afterwards triggers a new tokenizer check (the drafter may have been restarted with another
 model).
+
+Every verify goes through :class:`tightwad.engine.gather.VerifyGather`, keyed by the request's
+target slot, so that the verifies of concurrent requests reach the coordinator together and run
+in one of its batches.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, TypeVar
 
 from tightwad.config import Config
 from tightwad.decoding.sampling import SamplingParams
+from tightwad.engine.gather import VerifyGather
 from tightwad.llamaserver.client import LlamaClient
 from tightwad.llamaserver.slots import SlotPool
 from tightwad.llamaserver.vocab import PROBE_TEXT, TokenizerCheck, check_tokenizers, eog_ids
@@ -111,11 +116,15 @@ class Servers:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.drafter_gate = DrafterGate()
+        self.gather: VerifyGather[CompletionRequest, Completion] = VerifyGather(
+            config.speculation.gather_ms / 1e3, alone_on=(UpstreamError,))
         self._info: TargetInfo | None = None
         self.target_slots: SlotPool | None = None
         self._target: LlamaClient | None = None
         self._drafter: LlamaClient | None = None
         self._tokenizer_check: TokenizerCheck | None = None
+        self.drafter_model: str | None = None
+        """The drafter's model as it reports it (known after the tokenizer check)."""
         self._check_error = ""
         self._checked_at = 0.0
         self._drafter_slots: SlotPool | None = None
@@ -167,22 +176,46 @@ class Servers:
     async def tokenize(self, text: str) -> list[int]:
         return await self._call_target(self._client().tokenize(text))
 
-    async def apply_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
-        return await self._call_target(self._client().apply_template(messages))
+    async def apply_template(self, messages: Sequence[Mapping[str, Any]],
+                             extra: Mapping[str, Any] | None = None) -> str:
+        return await self._call_target(self._client().apply_template(messages, extra))
+
+    async def openai(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The target's own OpenAI endpoint, not streamed (a request passed through)."""
+        return await self._call_target(self._client().openai(path, body))
+
+    def openai_stream(self, path: str,
+                      body: Mapping[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """The target's own OpenAI endpoint, streamed (``target.timeout_s`` between chunks)."""
+        return self._target_stream(
+            self._client().openai_stream(path, body, self.config.target.timeout_s))
+
+    async def forward(self, path: str, body: Any) -> tuple[int, Any]:
+        """A target route passed on as it is (status and JSON)."""
+        return await self._call_target(self._client().forward(path, body))
 
     async def verify(self, context: Sequence[int], draft: Sequence[int], *, scored: int = 0,
                      sampling: SamplingParams = SamplingParams(temperature=0.0),
                      seed: int | None = None, n_probs: int = 1, id_slot: int = -1,
                      ignore_eos: bool = False) -> Completion:
         """The target scores ``draft`` after ``context`` in one pass
-        (:meth:`tightwad.llamaserver.client.LlamaClient.verify`)."""
-        return await self._call_target(self._client().verify(
-            context, draft, scored=scored, sampling=sampling, seed=seed, n_probs=n_probs,
-            id_slot=id_slot, ignore_eos=ignore_eos))
+        (:meth:`tightwad.llamaserver.client.LlamaClient.verify`), sent together with the other
+        requests' ready verifies (:attr:`gather`)."""
+        client = self._client()
+        request = CompletionRequest(  # as LlamaClient.verify builds it
+            prompt=[*context, *draft], n_predict=1, sampling=sampling, seed=seed,
+            n_probs=n_probs, prompt_logprobs=scored + len(draft), id_slot=id_slot,
+            ignore_eos=ignore_eos)
+        return await self._call_target(self.gather.send(id_slot, request, client.complete,
+                                                        client.complete_batch))
 
-    async def stream(self, request: CompletionRequest) -> AsyncGenerator[StreamChunk, None]:
+    def stream(self, request: CompletionRequest) -> AsyncGenerator[StreamChunk, None]:
         """A streamed target ``/completion`` (``target.timeout_s`` between chunks)."""
-        chunks = self._client().stream(request, chunk_timeout_s=self.config.target.timeout_s)
+        return self._target_stream(
+            self._client().stream(request, chunk_timeout_s=self.config.target.timeout_s))
+
+    async def _target_stream(self, chunks: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+        """``chunks`` as the target streams them; a dropped connection marks the target lost."""
         try:
             async for chunk in chunks:
                 yield chunk
@@ -195,10 +228,13 @@ class Servers:
     async def lease_target_slot(self, prompt: Sequence[int]) -> int:
         """A target slot for this prompt's request (waits while all are busy)."""
         assert self.target_slots is not None, "target_info() first"
-        return await self.target_slots.acquire(prompt)
+        slot = await self.target_slots.acquire(prompt)
+        self.gather.join(slot)
+        return slot
 
     def release_target_slot(self, slot: int, prompt: Sequence[int]) -> None:
         assert self.target_slots is not None
+        self.gather.leave(slot)
         self.target_slots.release(slot, prompt)
 
     def _client(self) -> LlamaClient:
@@ -229,6 +265,8 @@ class Servers:
                 props = await self._call_target(target.props())
                 eog = await self._call_target(eog_ids(target, props))
                 limit, note = await self._call_target(self._probe_verify())
+                if limit > 0 and self.gather.enabled:
+                    self.gather.batch_calls = await self._call_target(self._probe_batch())
                 if self.target_slots is None:
                     size = min(self.config.target.slots, props.total_slots)
                     if size < self.config.target.slots:
@@ -283,6 +321,21 @@ class Servers:
             log.error(note)
             return 0, note
         return k, f"ok, drafts of up to {k} tokens"
+
+    async def _probe_batch(self) -> bool:
+        """Whether the coordinator takes several completions in one call (patch 0004), so a
+        gathered group of verifies runs in one of its batches."""
+        target = self._client()
+        probe = await target.tokenize(PROBE_TEXT)
+        try:
+            await target.complete_batch([CompletionRequest(prompt=probe[:4] or [0], n_predict=1,
+                                                           cache_prompt=False)])
+        except UpstreamError as exc:
+            log.warning("the coordinator takes no batch of completions (%s): gathered verifies "
+                        "go as separate requests, and its loop splits them over two batches "
+                        "or more; run tightwad's patched llama-server (patch 0004)", exc.message)
+            return False
+        return True
 
     # -- the drafter ----------------------------------------------------------------------
 
@@ -356,6 +409,7 @@ class Servers:
                     self._check_error = str(exc)
                     return False
                 self._check_error = ""
+                self.drafter_model = drafter_props.model
                 if self._drafter_slots is None:
                     self._drafter_slots = SlotPool(
                         min(self.config.drafter.slots, drafter_props.total_slots))
@@ -386,6 +440,7 @@ class Servers:
                 "eog_ids": sorted(info.eog) if info else None,
                 "verify_limit": info.verify_limit if info else None,
                 "verify": info.verify_note if info else None,
+                "verify_gather": self.gather.status(),
             },
             "drafter": None if self._drafter is None else {
                 "url": self.config.drafter.url,

@@ -29,6 +29,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tightwad.decoding.speculation import Plan
+
 # Round latencies on a loopback pool are milliseconds, on a slow LAN pool up to seconds.
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _RECENT_ROUNDS = 200  # rounds behind "recent_acceptance"
@@ -92,6 +94,7 @@ class _Totals:
     drafted: int = 0
     accepted: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> rounds
+    passed_through: dict[str, int] = field(default_factory=dict)  # field -> requests
     draft_seconds: float = 0.0
     draft_calls: int = 0
     verify_seconds: float = 0.0
@@ -110,6 +113,9 @@ class Telemetry(Collector):
         self._started = time.time()
         self._totals = _Totals()
         self._fallback_since: dict[str, float] = {}
+        self.in_flight = 0
+        """Generations holding a slot: the load the k controller plans for."""
+        self._plan: Plan | None = None
         # Series that only Prometheus shows; the shared totals are exported by collect().
         self._registry = r = CollectorRegistry(auto_describe=True)
         self._http = Counter("tightwad_requests", "HTTP requests answered",
@@ -152,10 +158,16 @@ class Telemetry(Collector):
 
     def slot_taken(self, stats: RequestStats, queued_s: float) -> None:
         stats.queued_seconds = queued_s
+        self.in_flight += 1
         self._in_flight.inc()
 
     def slot_released(self) -> None:
+        self.in_flight -= 1
         self._in_flight.dec()
+
+    def on_plan(self, plan: Plan) -> None:
+        """The k controller's latest plan (:mod:`tightwad.engine.learning`)."""
+        self._plan = plan
 
     def on_round(self, stats: RequestStats, done: Round) -> None:
         totals = self._totals
@@ -185,6 +197,12 @@ class Telemetry(Collector):
         fallbacks[reason] = fallbacks.get(reason, 0) + 1
         self._fallback_since.setdefault(reason, time.time())
 
+    def on_pass_through(self, reasons: Iterable[str]) -> None:
+        """A request the coordinator answers itself, unspeculated, for these request fields."""
+        counts = self._totals.passed_through
+        for reason in reasons:
+            counts[reason] = counts.get(reason, 0) + 1
+
     def on_tokens(self, stats: RequestStats, count: int) -> None:
         """Tokens generated outside rounds (a pass-through stream)."""
         stats.tokens += count
@@ -211,6 +229,11 @@ class Telemetry(Collector):
                               if t.draft_calls else None),
             "mean_verify_ms": 1000 * t.verify_seconds / t.rounds if t.rounds else None,
         }
+
+    def passed_through(self) -> dict[str, int]:
+        """``/tightwad/status``'s ``passed_through``: requests answered unspeculated, by the
+        request field that asked for it."""
+        return dict(self._totals.passed_through)
 
     def prometheus(self) -> bytes:
         """``/metrics``: every series, in Prometheus' text format (:attr:`content_type`)."""
@@ -239,6 +262,26 @@ class Telemetry(Collector):
         for reason, count in t.fallbacks.items():
             fallbacks.add_metric([reason], count, created=self._fallback_since[reason])
         yield fallbacks
+        passed = CounterMetricFamily("tightwad_passed_through", "Requests the coordinator "
+                                     "answered unspeculated, by the request field that asked "
+                                     "for it", labels=["reason"])
+        for reason, count in t.passed_through.items():
+            passed.add_metric([reason], count, created=since)
+        yield passed
         yield GaugeMetricFamily("tightwad_speculation_active", "1 when remote drafting is on "
                                 "(mode remote, tokenizers match, verify supported)",
                                 value=1.0 if self._speculation_active() else 0.0)
+        if (plan := self._plan) is not None:
+            paused = GaugeMetricFamily("tightwad_speculation_paused", "1 while rounds go "
+                                       "without a draft because drafting cannot pay at the "
+                                       "current load", labels=["reason"])
+            paused.add_metric(["compute_bound"], 0.0 if plan.drafting else 1.0)
+            yield paused
+            yield GaugeMetricFamily("tightwad_speculation_k", "Draft length the k controller "
+                                    "chose last", value=plan.k)
+            if plan.speedup is not None:
+                yield GaugeMetricFamily("tightwad_speculation_predicted_speedup", "Predicted "
+                                        "tokens/s drafting k over target-only at that load",
+                                        value=plan.speedup)
+            yield GaugeMetricFamily("tightwad_speculation_streams", "Streams in flight the "
+                                    "last plan was made for", value=plan.streams)

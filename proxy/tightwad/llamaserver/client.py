@@ -25,7 +25,9 @@ from tightwad.llamaserver.wire import (
     UpstreamFailure,
     UpstreamTimeout,
     error_message,
+    openai_error,
     parse_completion,
+    parse_openai_event,
     parse_props,
     parse_stream_chunk,
 )
@@ -128,9 +130,12 @@ class LlamaClient:
         data = await self._call("POST", "/detokenize", {"tokens": list(tokens)})
         return str(self._field(data, "content", "/detokenize"))
 
-    async def apply_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
-        """The prompt text the model's own chat template makes of ``messages``."""
-        data = await self._call("POST", "/apply-template", {"messages": list(messages)})
+    async def apply_template(self, messages: Sequence[Mapping[str, Any]],
+                             extra: Mapping[str, Any] | None = None) -> str:
+        """The prompt text the model's own chat template makes of ``messages``; ``extra``:
+        other chat-request fields that shape it (tools, ``chat_template_kwargs``, ...)."""
+        data = await self._call("POST", "/apply-template",
+                                {**(extra or {}), "messages": list(messages)})
         return str(self._field(data, "prompt", "/apply-template"))
 
     # -- generation -----------------------------------------------------------------------
@@ -141,6 +146,21 @@ class LlamaClient:
         data = await self._call("POST", "/completion", request.body(stream=False), timeout_s)
         try:
             return parse_completion(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UpstreamError(self.name, 200, f"/completion answer not understood: "
+                                                f"{exc!r}") from None
+
+    async def complete_batch(self, requests: Sequence[CompletionRequest],
+                             timeout_s: float | None = None) -> list[Completion]:
+        """Several non-streamed ``/completion`` requests in ONE call, which the coordinator
+        evaluates in one batch (patch 0004, docs/verify-api.md); the answers in order."""
+        data = await self._call("POST", "/completion", [r.body(stream=False) for r in requests],
+                                timeout_s)
+        if not isinstance(data, list) or len(data) != len(requests):
+            raise UpstreamError(self.name, 200, f"a batch of {len(requests)} completions "
+                                                f"answered with {str(data)[:200]!r}")
+        try:
+            return [parse_completion(item) for item in data]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UpstreamError(self.name, 200, f"/completion answer not understood: "
                                                 f"{exc!r}") from None
@@ -203,3 +223,66 @@ class LlamaClient:
                                           f"{exc}") from None
         except ValueError as exc:
             raise UpstreamError(self.name, 200, f"malformed streamed chunk: {exc}") from None
+
+    # -- the OpenAI-compatible endpoints --------------------------------------------------
+
+    async def openai(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """One non-streamed ``/v1/chat/completions`` or ``/v1/completions`` answer, as is."""
+        data = await self._call("POST", path, dict(body, stream=False))
+        if not isinstance(data, dict):
+            raise UpstreamError(self.name, 200, f"{path} answered with {str(data)[:200]!r}")
+        return data
+
+    async def openai_stream(self, path: str, body: Mapping[str, Any],
+                            chunk_timeout_s: float | None = None
+                            ) -> AsyncGenerator[dict[str, Any], None]:
+        """A streamed ``/v1/chat/completions`` or ``/v1/completions`` answer, chunk by chunk
+        as the server sends them, until its ``[DONE]``; the deadline applies to each gap."""
+        url = self.base_url + path
+        gap = chunk_timeout_s or self.timeout_s
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=gap, sock_read=gap)
+        try:
+            # Connection: close, as for /completion streams (see stream()).
+            async with self._session.post(url, json=dict(body, stream=True), timeout=timeout,
+                                          headers={"Connection": "close"}) as resp:
+                if resp.status != 200:
+                    text = await resp.text(errors="replace")
+                    raise UpstreamError(self.name, resp.status, error_message(resp.status, text))
+                async for raw in resp.content:
+                    event = parse_openai_event(raw)
+                    if event is None:
+                        continue
+                    if isinstance(event, str):  # [DONE]
+                        break
+                    if failed := openai_error(event):
+                        raise UpstreamError(self.name, *failed)
+                    yield event
+                else:
+                    raise UpstreamDown(self.name, f"the {path} stream ended without [DONE]")
+                await resp.read()
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(self.name, f"no streamed data within {gap:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamDown(self.name, f"{path} stream: {exc.__class__.__name__}: "
+                                          f"{exc}") from None
+        except ValueError as exc:
+            raise UpstreamError(self.name, 200, f"malformed streamed chunk: {exc}") from None
+
+    async def forward(self, path: str, body: Any) -> tuple[int, Any]:
+        """POST ``body`` to ``path`` and return the status and JSON answer whatever the status
+        (for routes the proxy passes on as they are: embeddings, tokenize, detokenize)."""
+        try:
+            status, text = await self._send("POST", self.base_url + path, body,
+                                            self._deadline(None))
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(self.name, f"no answer to {path} within "
+                                             f"{self.timeout_s:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamDown(self.name, f"{path}: {exc.__class__.__name__}: {exc}") from None
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            if status == 200:
+                raise UpstreamError(self.name, 200, f"{path} answered with non-JSON: "
+                                                    f"{text[:200]!r}") from None
+            return status, {"error": {"message": error_message(status, text), "code": status}}

@@ -146,6 +146,8 @@ class Props:
     n_vocab: int | None = None
     vocab_type: int | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    modalities: frozenset[str] = frozenset()
+    """Input beyond text the model takes (``vision``, ``audio``)."""
 
 
 def _token(entry: Mapping[str, Any]) -> TokenLogprob:
@@ -209,7 +211,8 @@ def parse_props(props: Any, models: Any) -> Props:
         chat_template=str(props.get("chat_template", "")),
         build_info=str(props.get("build_info", "")),
         model_path=str(props.get("model_path", "")),
-        n_vocab=meta.get("n_vocab"), vocab_type=meta.get("vocab_type"), meta=meta)
+        n_vocab=meta.get("n_vocab"), vocab_type=meta.get("vocab_type"), meta=meta,
+        modalities=frozenset(k for k, v in (props.get("modalities") or {}).items() if v))
 
 
 def parse_stream_chunk(data: Mapping[str, Any]) -> StreamChunk:
@@ -323,3 +326,62 @@ _DEVICE = re.compile(r"^\s*([A-Za-z]+\d+):.*\((\d+) MiB, (\d+) MiB free\)\s*$", 
 def parse_list_devices(text: str) -> list[Device]:
     """``llama-server --list-devices`` output, in the order it lists the devices."""
     return [Device(name, int(total), int(free)) for name, total, free in _DEVICE.findall(text)]
+
+
+# -- the OpenAI-compatible endpoints (requests the proxy passes through unspeculated) ---------
+
+OPENAI_DONE = "[DONE]"
+
+
+def parse_openai_event(line: bytes) -> dict[str, Any] | str | None:
+    """One line of a streamed ``/v1/chat/completions`` or ``/v1/completions`` answer: the
+    chunk object, :data:`OPENAI_DONE` at the end, None for anything else (blank lines,
+    comments). An ``error`` object is returned as the chunk it is."""
+    line = line.strip()
+    if not line.startswith(b"data:"):
+        return None
+    data = line[5:].strip()
+    if data == OPENAI_DONE.encode():
+        return OPENAI_DONE
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise ValueError(f"a streamed chunk that is not an object: {data[:200]!r}")
+    return value
+
+
+def openai_error(chunk: Mapping[str, Any]) -> tuple[int, str] | None:
+    """The status and message of a streamed ``error`` chunk, or None."""
+    err = chunk.get("error")
+    if err is None:
+        return None
+    if isinstance(err, dict):
+        code = err.get("code")
+        return (code if isinstance(code, int) else 500), str(err.get("message") or err)
+    return 500, str(err)
+
+
+def openai_finish(chunk: Mapping[str, Any]) -> str | None:
+    """The ``finish_reason`` of an answer or chunk's first choice, if it has one."""
+    choices = chunk.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        reason = choices[0].get("finish_reason")
+        return str(reason) if reason else None
+    return None
+
+
+def openai_usage(chunk: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(prompt_tokens, completion_tokens)`` where an answer or chunk reports them."""
+    use = chunk.get("usage")
+    if isinstance(use, dict):
+        return int(use.get("prompt_tokens") or 0), int(use.get("completion_tokens") or 0)
+    return None
+
+
+def is_role_only(chunk: Mapping[str, Any]) -> bool:
+    """A streamed chat chunk that only opens the assistant's message (no text, no calls)."""
+    choices = chunk.get("choices")
+    if not (isinstance(choices, list) and len(choices) == 1 and isinstance(choices[0], dict)):
+        return False
+    delta = choices[0].get("delta")
+    return (isinstance(delta, dict) and set(delta) <= {"role", "content"}
+            and delta.get("content") in (None, "") and not choices[0].get("finish_reason"))

@@ -94,7 +94,9 @@ class Launched:
 
 def coordinator_args(verify_max_tokens: int = defaults.VERIFY_MAX_TOKENS) -> list[str]:
     # -lv 4 puts the load report (model buffers per device) into the log: the live split.
-    return ["--verify-max-tokens", str(verify_max_tokens), "-lv", "4"]
+    # The pool settings (defaults.LLAMA_SERVER_ARGS) come with ProcessGroup.llama_server, for
+    # the drafter too.
+    return ["--verify-max-tokens", str(verify_max_tokens), *defaults.COORDINATOR_ARGS, "-lv", "4"]
 
 
 def launch(group: ProcessGroup, spec: LaunchSpec) -> Launched:

@@ -2,7 +2,8 @@
 
 Used by the test fixtures and the local demo pool. Every process gets a free port, its own log
 file and its own process group; ``ProcessGroup.close()`` stops them all (SIGTERM, then SIGKILL),
-also when a test fails or the demo is interrupted.
+also when a test fails or the demo is interrupted. Every llama-server runs with the pool's
+settings (``tightwad.defaults.LLAMA_SERVER_ARGS``), as a deployed one does.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tightwad import defaults
 from tightwad.llamaserver import blocking
 
 LOOPBACK = "127.0.0.1"
@@ -195,8 +197,11 @@ class ProcessGroup:
     def llama_server(self, model: Path, *, name: str | None = None,
                      rpc: Sequence[RpcWorker | str] = (), args: Sequence[str] = (),
                      ctx: int = 2048, slots: int = 1, port: int | None = None,
-                     host: str = LOOPBACK, timeout: float = 120, wait: bool = True) -> LlamaServer:
-        """Start ``llama-server`` (a pooled coordinator when ``rpc`` is given) and wait for health."""
+                     host: str = LOOPBACK, timeout: float = 120, wait: bool = True,
+                     pool_args: Sequence[str] = defaults.LLAMA_SERVER_ARGS) -> LlamaServer:
+        """Start ``llama-server`` (a pooled coordinator when ``rpc`` is given) and wait for health.
+        ``pool_args``: the settings every pool server runs with (``()``: llama.cpp's own
+        defaults, to measure what they cost); ``args`` come after them and win."""
         port = port or free_port(host)
         name = self._unique(name or ("coordinator" if rpc else "llama-server"))
         cmd: list[Any] = [self.bin_dir / "llama-server", "-m", model, "--host", host,
@@ -205,7 +210,7 @@ class ProcessGroup:
         if rpc:
             endpoints = [w.endpoint if isinstance(w, RpcWorker) else w for w in rpc]
             cmd += ["--rpc", ",".join(endpoints), "-ngl", "999"]
-        cmd += list(args)
+        cmd += [*pool_args, *args]
         server: LlamaServer = self._spawn(LlamaServer, name, cmd, host=host, port=port,
                                           model=model)
         if wait:

@@ -12,13 +12,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from tightwad.config import ConfigError, check_bind_security, load_config
-from tightwad.server.app import create_app
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """The options, shared with ``tightwad serve``."""
     parser = argparse.ArgumentParser(prog="python -m tightwad.server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "-c", default=None,
@@ -31,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    return run(parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         check_bind_security(config)
@@ -40,6 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.check:
         return 0
+    # Here, not at the top: `tightwad --help` builds this parser and needs none of the server.
+    from aiohttp import web
+
+    from tightwad.server.app import create_app
+
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)

@@ -1,4 +1,15 @@
-"""The aiohttp app: OpenAI routes, SSE, health, status, metrics and error mapping.
+"""The aiohttp app: OpenAI routes (also without ``/v1``), SSE, CORS, health, status, metrics
+and error mapping.
+
+A completion request is parsed (:mod:`tightwad.server.openai_api` says which fields are
+speculated and which need the coordinator's own endpoint), rendered and tokenized, then
+admitted by the engine (the prompt fits; ``max_tokens``, a clamp said in the
+``X-Tightwad-Max-Tokens-Clamped`` header). A stream opens right then, before the request waits
+for a slot: headers and the role chunk, then an SSE comment every ``listen.sse_keepalive_s``
+until the first token. Speculated chat text of a thinking model is split into
+``reasoning_content`` (:mod:`tightwad.server.reasoning`); a passed-through request's answer is
+the coordinator's, sent on under this answer's id and model name. Embeddings, tokenize and
+detokenize go to the coordinator as they are.
 
 Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}``. Bad input is a 4xx
 decided here before anything reaches llama-server (which answers some malformed input with 500):
@@ -30,29 +41,34 @@ from aiohttp import web
 
 from tightwad.config import Config
 from tightwad.engine.engine import (
+    Admission,
     Engine,
-    Event,
     Failed,
     Finished,
+    Forwarded,
     GenerationRequest,
     TextDelta,
     failure,
 )
 from tightwad.engine.telemetry import Telemetry
-from tightwad.llamaserver.wire import UpstreamFailure
+from tightwad.llamaserver.wire import UpstreamError, UpstreamFailure, error_message, is_role_only
 from tightwad.server.auth import bearer_auth
+from tightwad.server.cors import Cors
 from tightwad.server.lifecycle import SHUTTING_DOWN, Lifecycle
 from tightwad.server.openai_api import (
     ApiError,
     ParsedRequest,
     chunk,
     error_body,
+    map_developer_role,
+    model_object,
     parse_chat_request,
     parse_completion_request,
     response,
     usage,
     usage_chunk,
 )
+from tightwad.server.reasoning import ReasoningSplit, opens_thinking, thinking_template
 
 log = logging.getLogger("tightwad.server.app")
 
@@ -173,13 +189,62 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 # -- generation -----------------------------------------------------------------------------
 
+CLAMP_HEADER = "X-Tightwad-Max-Tokens-Clamped"
 
-async def _prompt_tokens(engine: Engine, parsed: ParsedRequest) -> list[int]:
-    if parsed.kind == "chat":
-        return await engine.render_chat(list(parsed.messages))
-    if parsed.prompt_tokens is not None:
-        return list(parsed.prompt_tokens)
-    return await engine.tokenize(parsed.prompt_text or "")
+
+def _clamp_headers(admission: Admission) -> dict[str, str]:
+    """The clamp, said: ``requested=N; granted=M; by=limits.max_tokens_cap|context``."""
+    if admission.clamped_by is None:
+        return {}
+    asked = "none" if admission.requested is None else str(admission.requested)
+    return {CLAMP_HEADER: f"requested={asked}; granted={admission.max_tokens}; "
+                          f"by={admission.clamped_by}"}
+
+
+class _Sse:
+    """One SSE answer: opened at once, chunks, comment lines while waiting, ``[DONE]``."""
+
+    def __init__(self, request: web.Request, headers: dict[str, str]) -> None:
+        self.request = request
+        self.resp = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no", **headers})
+
+    async def open(self) -> None:
+        await self.resp.prepare(self.request)
+
+    async def send(self, obj: Any) -> None:
+        data = obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()
+        await self.resp.write(b"data: " + data + b"\n\n")
+
+    async def keepalive(self) -> None:
+        await self.resp.write(b": keep-alive\n\n")
+
+    async def fail(self, failed: Failed) -> None:
+        error = _from_failed(failed)
+        await self.send(error_body(error.message, error.type, None, error.code))
+
+    async def done(self) -> None:
+        await self.send(b"[DONE]")
+        await self.resp.write_eof()
+
+
+async def _next(lifecycle: Lifecycle, events: Any, sse: _Sse | None, every_s: float) -> Any:
+    """The next event; on an open stream, a keep-alive comment each ``every_s`` of waiting
+    (queued for a slot, the prompt being evaluated)."""
+    if sse is None:
+        return await lifecycle.next_event(events)
+    step = asyncio.ensure_future(lifecycle.next_event(events))
+    try:
+        while True:
+            done, _ = await asyncio.wait((step,), timeout=every_s)
+            if done:
+                return step.result()
+            await sse.keepalive()
+    finally:
+        if not step.done():
+            step.cancel()
+            await asyncio.wait((step,))
 
 
 async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
@@ -190,6 +255,26 @@ async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
         return await _generate(request, kind, lifecycle)
 
 
+async def _prompt(engine: Engine, parsed: ParsedRequest,
+                  forward: dict[str, Any]) -> tuple[list[int], ReasoningSplit | None]:
+    """The request's prompt tokens, and for a thinking model's chat the reasoning split.
+    A chat's messages go into ``forward`` (the pass-through body) with roles mapped."""
+    if parsed.kind != "chat":
+        if parsed.prompt_tokens is not None:
+            return list(parsed.prompt_tokens), None
+        return await engine.tokenize(parsed.prompt_text or ""), None
+    template = await engine.chat_template()
+    messages = map_developer_role(parsed.messages, template)
+    forward["messages"] = list(messages)
+    # Passed through, everything that shapes the prompt (tools too) renders it.
+    extra = ({k: v for k, v in forward.items() if k != "messages"}
+             if parsed.passthrough else parsed.template_extra)
+    text, tokens = await engine.chat_prompt(messages, extra)
+    split = ReasoningSplit(opens_thinking(text)) \
+        if parsed.reasoning and thinking_template(template) else None
+    return tokens, split
+
+
 async def _generate(request: web.Request, kind: str,
                     lifecycle: Lifecycle) -> web.StreamResponse:
     config, engine = request.app[CONFIG], request.app[ENGINE]
@@ -197,75 +282,141 @@ async def _generate(request: web.Request, kind: str,
     body = await read_json(request, limits.max_body_bytes, limits.body_timeout_s)
     parse = parse_chat_request if kind == "chat" else parse_completion_request
     parsed = parse(body, config.limits)
+    forward = dict(parsed.body)
     try:
-        tokens = await _prompt_tokens(engine, parsed)
+        # Images to a model without vision: refused before the template fails on them.
+        admission: Admission | Failed | None = await engine.refuse_inputs(parsed.passthrough)
+        if admission is None:
+            tokens, split = await _prompt(engine, parsed, forward)
+            admission = await engine.admit(tokens, parsed.max_tokens, parsed.passthrough)
         model = await engine.model_name()
     except UpstreamFailure as exc:
         raise _from_failed(failure(exc)) from None
-    events = engine.generate(GenerationRequest(
-        prompt=tuple(tokens), max_tokens=parsed.max_tokens, sampling=parsed.sampling,
-        stop=parsed.stop, ignore_eos=parsed.ignore_eos))
-    ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-    created = int(time.time())
-    async with contextlib.aclosing(events):
-        first = await lifecycle.next_event(events)
-        if isinstance(first, Failed):
-            raise _from_failed(first)
-        if not parsed.stream:
-            text: list[str] = []
-            event: Event = first
-            while True:
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                elif isinstance(event, Finished):
-                    return web.json_response(response(
-                        kind, ident, created, model, "".join(text), event.reason,
-                        usage(event.prompt_tokens, event.completion_tokens)))
-                else:
-                    raise _from_failed(event)
-                event = await lifecycle.next_event(events)
-        return await _stream(request, parsed, events, first, ident, created, model, lifecycle)
+    if isinstance(admission, Failed):
+        error = _from_failed(admission)
+        if admission.code == "unsupported_input":  # name the content part
+            error.param = next((where for reason, where in parsed.input_at.items()
+                                if reason in admission.message), None)
+        raise error
+    assert isinstance(admission, Admission)
+    reply = _Reply(request, parsed, model, _clamp_headers(admission), lifecycle,
+                   config.listen.sse_keepalive_s)
+    if parsed.passthrough:
+        for key in ("max_completion_tokens", "n_predict"):
+            forward.pop(key, None)
+        forward["max_tokens"] = admission.max_tokens
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        return await reply.relay(engine.forward_openai(path, forward, tokens,
+                                                       parsed.passthrough, parsed.stream))
+    return await reply.answer(engine.generate(GenerationRequest(
+        prompt=tuple(tokens), max_tokens=admission.max_tokens, sampling=parsed.sampling,
+        stop=parsed.stop, ignore_eos=parsed.ignore_eos)), split)
 
 
-async def _stream(request: web.Request, parsed: ParsedRequest, events: Any, first: Any,
-                  ident: str, created: int, model: str,
-                  lifecycle: Lifecycle) -> web.StreamResponse:
-    kind = parsed.kind
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                       "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    await resp.prepare(request)
+class _Reply:
+    """One completion's answer: JSON, or a stream opened before the first token."""
 
-    async def send(obj: Any) -> None:
-        data = obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()
-        await resp.write(b"data: " + data + b"\n\n")
+    def __init__(self, request: web.Request, parsed: ParsedRequest, model: str,
+                 headers: dict[str, str], lifecycle: Lifecycle, keepalive_s: float) -> None:
+        self.request = request
+        self.parsed = parsed
+        self.kind = parsed.kind
+        self.model = model
+        self.headers = headers
+        self.lifecycle = lifecycle
+        self.keepalive_s = keepalive_s
+        self.ident = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.sse = _Sse(request, headers) if parsed.stream else None
 
-    def piece(**kw: Any) -> dict[str, Any]:
-        return chunk(kind, ident, created, model, include_usage=parsed.include_usage, **kw)
+    def _piece(self, **kw: Any) -> dict[str, Any]:
+        return chunk(self.kind, self.ident, self.created, self.model,
+                     include_usage=self.parsed.include_usage, **kw)
 
-    try:
-        if kind == "chat":
-            await send(piece(role=True, text=""))
-        event = first
-        while True:
-            if isinstance(event, TextDelta):
-                if event.text:
-                    await send(piece(text=event.text))
-            elif isinstance(event, Finished):
-                await send(piece(text=None if kind == "chat" else "", finish=event.reason))
-                if parsed.include_usage:
-                    await send(usage_chunk(kind, ident, created, model,
-                                           usage(event.prompt_tokens, event.completion_tokens)))
-                break
-            else:
-                failed = _from_failed(event)
-                await send(error_body(failed.message, failed.type, None, failed.code))
-                break
-            event = await lifecycle.next_event(events)
-        await send(b"[DONE]")
-        await resp.write_eof()
-    except ConnectionResetError:
-        log.info("client went away during a stream; its generation is cancelled")
-    return resp
+    async def _open(self) -> None:
+        """Headers, and for chat the role chunk, before anything is generated."""
+        if self.sse is not None:
+            await self.sse.open()
+            if self.kind == "chat":
+                await self.sse.send(self._piece(role=True, text=""))
+
+    async def answer(self, events: Any, split: ReasoningSplit | None) -> web.StreamResponse:
+        """Speculated (or plainly decoded) text events as OpenAI's answer or chunks."""
+        sse = self.sse
+        reasoning: list[str] = []
+        text: list[str] = []
+        async with contextlib.aclosing(events):
+            try:
+                await self._open()
+                while True:
+                    event = await _next(self.lifecycle, events, sse, self.keepalive_s)
+                    if isinstance(event, TextDelta):
+                        think, said = split.push(event.text) if split else ("", event.text)
+                    elif isinstance(event, Finished):
+                        think, said = split.finish() if split else ("", "")
+                    elif sse is None:
+                        raise _from_failed(event)
+                    else:
+                        await sse.fail(event)
+                        break
+                    if sse is None:
+                        reasoning.append(think)
+                        text.append(said)
+                    elif think or said:
+                        await sse.send(self._piece(text=said if said else None,
+                                                   reasoning=think if think else None))
+                    if not isinstance(event, Finished):
+                        continue
+                    use = usage(event.prompt_tokens, event.completion_tokens)
+                    if sse is None:
+                        return web.json_response(response(
+                            self.kind, self.ident, self.created, self.model, "".join(text),
+                            event.reason, use, "".join(reasoning)), headers=self.headers)
+                    await sse.send(self._piece(text=None if self.kind == "chat" else "",
+                                               finish=event.reason))
+                    if self.parsed.include_usage:
+                        await sse.send(usage_chunk(self.kind, self.ident, self.created,
+                                                   self.model, use))
+                    break
+                await sse.done()
+            except ConnectionResetError:
+                log.info("client went away during a stream; its generation is cancelled")
+        assert sse is not None
+        return sse.resp
+
+    def _restamp(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The coordinator's chunk or answer under this answer's id and model name."""
+        return {**data, "id": self.ident, "model": self.model}
+
+    async def relay(self, events: Any) -> web.StreamResponse:
+        """A passed-through request: the coordinator's own OpenAI answer or chunks, as
+        they are but for the id and model name."""
+        sse = self.sse
+        answer: dict[str, Any] | None = None
+        async with contextlib.aclosing(events):
+            try:
+                await self._open()
+                while True:
+                    event = await _next(self.lifecycle, events, sse, self.keepalive_s)
+                    if isinstance(event, Forwarded):
+                        if sse is None:
+                            answer = self._restamp(event.data)
+                        elif not (self.kind == "chat" and is_role_only(event.data)):
+                            await sse.send(self._restamp(event.data))
+                    elif isinstance(event, Finished):
+                        if sse is None:
+                            return web.json_response(answer, headers=self.headers)
+                        break
+                    elif sse is None:
+                        raise _from_failed(event)
+                    else:
+                        await sse.fail(event)
+                        break
+                await sse.done()
+            except ConnectionResetError:
+                log.info("client went away during a stream; its generation is cancelled")
+        assert sse is not None
+        return sse.resp
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -279,14 +430,64 @@ async def completions(request: web.Request) -> web.StreamResponse:
 # -- the rest -------------------------------------------------------------------------------
 
 
-async def models(request: web.Request) -> web.Response:
+async def _model_card(request: web.Request) -> dict[str, Any]:
     try:
-        name = await request.app[ENGINE].model_name()
+        name, n_ctx, meta = await request.app[ENGINE].model_card()
     except UpstreamFailure as exc:
         raise _from_failed(failure(exc)) from None
-    return web.json_response({"object": "list", "data": [
-        {"id": name, "object": "model", "created": request.app[STARTED],
-         "owned_by": "tightwad"}]})
+    return model_object(name, request.app[STARTED], n_ctx, meta)
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [await _model_card(request)]})
+
+
+async def model(request: web.Request) -> web.Response:
+    card = await _model_card(request)
+    if request.match_info["model"] != card["id"]:
+        raise ApiError(404, f"the model {request.match_info['model']!r} does not exist; this "
+                            f"pool serves {card['id']!r}", param="model",
+                       code="model_not_found")
+    return web.json_response(card)
+
+
+async def _forward(request: web.Request, path: str, what: str) -> web.Response:
+    """A coordinator route passed on as it is: its status and JSON, OpenAI error JSON on
+    failure (naming what the coordinator said)."""
+    config, engine = request.app[CONFIG], request.app[ENGINE]
+    body = await read_json(request, config.limits.max_body_bytes, config.limits.body_timeout_s)
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_type")
+    try:
+        status, answer = await engine.forward(path, body)
+        name = await engine.model_name()
+    except UpstreamFailure as exc:
+        raise _from_failed(failure(exc)) from None
+    if status == 200:
+        if isinstance(answer, dict) and "model" in answer:
+            answer = {**answer, "model": name}
+        return web.json_response(answer)
+    message = error_message(status, json.dumps(answer))
+    if status == 501:
+        raise ApiError(501, f"the coordinator does not serve {what}: {message}",
+                       type="not_supported_error", code=f"{what}_not_served")
+    if 400 <= status < 500:
+        raise ApiError(400 if status not in (404, 413) else status,
+                       f"the model server refused the request: {message}",
+                       code="upstream_rejected")
+    raise _from_failed(failure(UpstreamError("target", status, message)))
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    return await _forward(request, "/v1/embeddings", "embeddings")
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    return await _forward(request, "/tokenize", "tokenize")
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    return await _forward(request, "/detokenize", "detokenize")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -317,8 +518,10 @@ def create_app(config: Config, engine: Engine | None = None) -> web.Application:
     """The proxy app; the engine starts and stops with it."""
     engine = engine or Engine(config)
     token = config.auth.token.get_secret_value() if config.auth.token is not None else None
-    app = web.Application(middlewares=[_errors, bearer_auth(token)],
+    cors = Cors(config.listen.cors_origins, expose=(CLAMP_HEADER,))
+    app = web.Application(middlewares=[cors.middleware, _errors, bearer_auth(token)],
                           client_max_size=config.limits.max_body_bytes)
+    app.on_response_prepare.append(cors.on_prepare)
     app[CONFIG] = config
     app[ENGINE] = engine
     app[TELEMETRY] = engine.telemetry
@@ -341,9 +544,14 @@ def create_app(config: Config, engine: Engine | None = None) -> web.Application:
     app.on_startup.append(start)
     app.on_shutdown.append(drain)
     app.on_cleanup.append(stop)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
+    for prefix in ("/v1", ""):  # clients such as LiteLLM leave out /v1
+        app.router.add_post(prefix + "/chat/completions", chat_completions)
+        app.router.add_post(prefix + "/completions", completions)
+        app.router.add_post(prefix + "/embeddings", embeddings)
+        app.router.add_get(prefix + "/models", models)
+        app.router.add_get(prefix + "/models/{model:.+}", model)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/health", health)
     app.router.add_get("/tightwad/status", status)
     app.router.add_get("/metrics", metrics)

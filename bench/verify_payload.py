@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""What does ``--output-top-n`` save? Bytes and time of a verify, and of a plain decoded token.
+
+Two loopback pools side by side, identical but for the flag: each 2 ``ggml-rpc-server`` workers
+behind link-emulator relays (:mod:`tightwad_dev.linkemu`, ``--profile``) and a coordinator
+``llama-server`` with ``--verify-max-tokens 32`` and one slot, holding the 128k-vocabulary test
+target; ``full`` pulls n_vocab logits per output row (patch 0001 alone), ``top-n`` runs with
+``--output-top-n N`` (patch 0005: the worker holding the output layer sends N ids and
+probabilities per row). Per prompt, repetition and configuration, in rotating order, each
+request once untimed (so the timed one reuses its graph, as a steady stream would) and once timed:
+
+- ``verify k``: context + the target's k greedy tokens, ``prompt_logprobs: k``, ``n_probs: 1``,
+  ``n_predict: 1`` (the proxy's greedy verify), for each ``--k``;
+- ``decode``: ``n_predict: 16`` from the cached context, greedy, no ``n_probs``.
+
+Reports median wall ms with its bootstrap 95% CI, bytes to / from the workers per request (the
+relays' counters) and per decoded token, and writes everything to ``--json``.
+
+    .venv/bin/python bench/verify_payload.py --profile wifi --json payload-wifi.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this file's directory (bench/) is on sys.path.
+from benchenv import binary_version, llama_binaries, machine_info
+
+from tightwad import build as llama_build
+from tightwad.pool.procs import LlamaServer, ProcessGroup
+from tightwad_dev.benchmath import spread
+from tightwad_dev.linkemu import PROFILES, LinkStats, RelayThread
+from tightwad_dev.models import ensure_models
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog because",
+    "Once upon a time, in a land far away, there lived",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+]
+CONFIGS = ("full", "top-n")
+VERIFY_MAX_TOKENS = 32
+DECODE_TOKENS = 16
+
+
+@dataclass
+class Sample:
+    config: str
+    request: str  # "verify k" or "decode"
+    prompt: int
+    rep: int
+    wall_ms: float
+    server_ms: float
+    bytes_up: int
+    bytes_down: int
+    round_trips: int
+
+
+def post(server: LlamaServer, relays: RelayThread, body: dict) -> tuple[dict, float, LinkStats]:
+    before = relays.stats()
+    started = time.perf_counter()
+    res = server.post("/completion", {"temperature": 0, "cache_prompt": True, "id_slot": 0,
+                                      "return_tokens": True, **body}, timeout=300)
+    wall_ms = (time.perf_counter() - started) * 1e3
+    moved = sum((a - b for a, b in zip(relays.stats(), before)), LinkStats())
+    return res, wall_ms, moved
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise SystemExit(f"unexpected server behaviour: {message}")
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="wifi", choices=list(PROFILES),
+                   help="link emulated between each coordinator and its workers (default wifi)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 4, 8, 16], help="draft lengths")
+    p.add_argument("--top-n", type=int, default=16, help="--output-top-n of the top-n pool")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per prompt")
+    p.add_argument("--prompts", type=int, default=2, help=f"how many of the {len(PROMPTS)} "
+                   "built-in prompts to use")
+    p.add_argument("--threads", type=int, default=1, help="threads per llama.cpp process")
+    p.add_argument("--bin-dir", type=Path,
+                   help="llama.cpp binaries (default: the cached build, built if missing)")
+    p.add_argument("--json", type=Path, help="write settings, machine, samples and summary")
+    args = p.parse_args(argv)
+    if not all(1 <= k <= VERIFY_MAX_TOKENS for k in args.k):
+        p.error(f"--k must be in 1..{VERIFY_MAX_TOKENS}")
+    if not 1 <= args.prompts <= len(PROMPTS):
+        p.error(f"--prompts must be in 1..{len(PROMPTS)}")
+    return args
+
+
+def summarize(samples: list[Sample], requests: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for request in requests:
+        per = 1 if request != "decode" else DECODE_TOKENS
+        for config in CONFIGS:
+            mine = [s for s in samples if s.config == config and s.request == request]
+            out[f"{request} / {config}"] = {
+                "wall_ms": spread([s.wall_ms for s in mine]),
+                "server_ms": spread([s.server_ms for s in mine]),
+                "bytes_up": statistics.median(s.bytes_up for s in mine) / per,
+                "bytes_down": statistics.median(s.bytes_down for s in mine) / per,
+                "round_trips": statistics.median(s.round_trips for s in mine),
+            }
+    return out
+
+
+def table(summary: dict[str, Any], requests: list[str], link: str) -> str:
+    rows = ["| Link | Request | Config | Wall ms, median [95% CI] (p25-p75) | Server ms | "
+            "Bytes to / from workers | Round trips | Wall speed-up |",
+            "|---|---|---|---|---|---|---|---|"]
+    for request in requests:
+        label = f"{request} (per token)" if request == "decode" else request
+        full_ms = summary[f"{request} / full"]["wall_ms"]["median"]
+        for config in CONFIGS:
+            e = summary[f"{request} / {config}"]
+            w = e["wall_ms"]
+            ms = (w["median"] / DECODE_TOKENS if request == "decode" else w["median"])
+            rows.append(
+                f"| {link} | {label} | {config} | {w['median']:.0f} [{w['ci_lo']:.0f}-"
+                f"{w['ci_hi']:.0f}] ({w['p25']:.0f}-{w['p75']:.0f})"
+                f"{f', {ms:.1f}/token' if request == 'decode' else ''} | "
+                f"{e['server_ms']['median']:.0f} | {fmt_bytes(e['bytes_up'])} / "
+                f"{fmt_bytes(e['bytes_down'])} | {e['round_trips']:g} | "
+                f"{full_ms / w['median']:.2f}x |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["python", "bench/verify_payload.py",
+                          *(sys.argv[1:] if argv is None else argv)])
+    cache = llama_build.default_cache_dir()
+    bin_dir, build_name = llama_binaries(args.bin_dir, cache)
+    models = ensure_models(cache / "models", llama_build.fetch_source(cache) / "models")
+    machine = machine_info()
+    print(f"# verify_payload: {command}", flush=True)
+    print(f"machine: {machine['cpus']} CPUs, {machine['cpu_model']}, load average "
+          f"{machine['loadavg_start'][0]:.2f}", flush=True)
+    print(f"llama.cpp: {binary_version(bin_dir / 'llama-server')}, build {build_name}", flush=True)
+
+    requests = [f"verify {k}" for k in args.k] + ["decode"]
+    samples: list[Sample] = []
+    with tempfile.TemporaryDirectory(prefix="tightwad-bench-") as log_dir, \
+            ProcessGroup(bin_dir=bin_dir, log_dir=Path(log_dir), threads=args.threads) as group:
+        pools: dict[str, tuple[LlamaServer, RelayThread]] = {}
+        try:
+            for config in CONFIGS:
+                workers = [group.rpc_worker(name=f"{config}-worker{i}") for i in range(2)]
+                relays = RelayThread([w.endpoint for w in workers], args.profile, seed=0).start()
+                extra = ["--output-top-n", str(args.top_n)] if config == "top-n" else []
+                server = group.llama_server(
+                    models.target, name=config, rpc=relays.endpoints, slots=1, timeout=600,
+                    args=["--verify-max-tokens", str(VERIFY_MAX_TOKENS), *extra])
+                pools[config] = (server, relays)
+            server0 = pools["full"][0]
+            n_vocab = server0.get("/v1/models")["data"][0]["meta"]["n_vocab"]
+            print(f"model: {models.target.name}, {n_vocab}-token vocabulary; link "
+                  f"{pools['full'][1].profile.describe()}; top-n pool: --output-top-n "
+                  f"{args.top_n}", flush=True)
+            for idx, text in enumerate(PROMPTS[:args.prompts]):
+                context = server0.post("/tokenize", {"content": text,
+                                                     "add_special": True})["tokens"]
+                greedy = server0.post("/completion", {
+                    "prompt": context, "n_predict": max(args.k), "temperature": 0,
+                    "ignore_eos": True, "return_tokens": True, "cache_prompt": False})["tokens"]
+                for rep in range(args.reps):
+                    order = CONFIGS[rep % 2:] + CONFIGS[:rep % 2]
+                    for request in requests:
+                        for config in order:
+                            server, relays = pools[config]
+                            if request == "decode":
+                                body = {"prompt": context, "n_predict": DECODE_TOKENS,
+                                        "ignore_eos": True}
+                            else:
+                                k = int(request.split()[1])
+                                body = {"prompt": context + greedy[:k], "n_predict": 1,
+                                        "n_probs": 1, "prompt_logprobs": k}
+                            post(server, relays, body)  # untimed: the graph for this shape
+                            res, wall_ms, moved = post(server, relays, body)
+                            t = res["timings"]
+                            if request == "decode":
+                                check(len(res["tokens"]) == DECODE_TOKENS, f"{config}: {t}")
+                            else:
+                                check(t["prompt_n"] == k + 1, f"{config} {request}: {t}")
+                            samples.append(Sample(config, request, idx, rep, wall_ms,
+                                                  t["prompt_ms"] + t["predicted_ms"],
+                                                  moved.bytes_up, moved.bytes_down,
+                                                  moved.round_trips))
+                print(f"prompt {idx + 1}/{args.prompts} done", flush=True)
+        finally:
+            group.close()  # before the relays go: a coordinator that loses a worker aborts
+            for _, relays in pools.values():
+                relays.close()
+    machine["loadavg_end"] = os.getloadavg()
+    summary = summarize(samples, requests)
+    print()
+    print(f"{args.prompts} prompts x {args.reps} repetitions per cell; load average "
+          f"{machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f}; decode rows: "
+          f"wall ms per {DECODE_TOKENS}-token request and per token, bytes per token.")
+    print()
+    print(table(summary, requests, args.profile))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "command": command, "machine": machine, "build": build_name,
+            "top_n": args.top_n, "profile": args.profile, "n_vocab": n_vocab,
+            "summary": summary, "samples": [asdict(s) for s in samples]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
