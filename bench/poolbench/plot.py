@@ -51,9 +51,9 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     bound = result["bound"]
     if base_tok_s:
         ks = list(range(1, max(result["settings"]["ks"] + [1]) + 1))
-        right.plot(ks, [base_tok_s * bm.predicted_speedup(bound["a"], k, bound["c"])
+        right.plot(ks, [base_tok_s * bm.predicted_speedup(bound["alpha"], k, bound["cost_ratio"])
                         for k in ks], "k--",
-                   label=f"bound: (b) x E(a,k)/(kc+1), a={bound['a']:.2f}, c={bound['c']:.3f}")
+                   label=f"bound: (b) x E(a,k)/(kc+1), a={bound['alpha']:.2f}, c={bound['cost_ratio']:.3f}")
         right.axhline(base_tok_s, color="grey", lw=1, label="(b) pool direct")
     adaptive = next((r for r in rows if r["config"] == "d" and r["k"] == ADAPTIVE), None)
     if adaptive:

@@ -30,7 +30,7 @@ def measure_agreement(drafter: LlamaServer, prompts: list[tuple[str, list[int]]]
                 "prompt_logprobs": end - start, "cache_prompt": False}, timeout=300)
             guesses += [p["top_logprobs"][0]["id"] for p in res["prompt_probabilities"]]
             targets += toks[start:end]
-    return {"a": bm.agreement(guesses, targets), "positions": len(targets)}
+    return {"alpha": bm.agreement(guesses, targets), "positions": len(targets)}
 
 
 def draft_step_ms(drafter: LlamaServer, prompts: list[tuple[str, list[int]]],

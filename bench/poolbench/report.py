@@ -227,7 +227,7 @@ def pair_lines(result: dict[str, Any], h: str = "##") -> list[str]:
     return [
         f"{h} Agreement and cost of the pair",
         "",
-        f"- Per-position greedy agreement a = **{bound['a']:.3f}** (Leviathan's alpha: the "
+        f"- Per-position greedy agreement a = **{bound['alpha']:.3f}** (Leviathan's alpha: the "
         f"draft's argmax at each of {result['agreement']['positions']} positions of the "
         f"target's own greedy output). llama.cpp's \"draft acceptance\" accepted/drafted is a "
         f"different number that falls with k; both are in the tables.",
@@ -236,7 +236,7 @@ def pair_lines(result: dict[str, Any], h: str = "##") -> list[str]:
         f"- The draft's own cost (its layers and its {n_vocab}-row output matrix, on its own "
         f"server, no link): **{costs['draft_ms_per_token']['median']:.2f} ms per token**, "
         f"{costs['draft_over_single_target']:.3f} of the target alone; cost ratio c = "
-        f"{bound['c']:.3f} of a pool step.",
+        f"{bound['cost_ratio']:.3f} of a pool step.",
         f"- The logits payload every real pair shares (the verify's rows crossing the pool's "
         f"link): {n_vocab} x 4 B = {fmt_bytes(4 * n_vocab)} per verified position.{payload}",
         f"- Leviathan's bound S = E(a, k) / (k c + 1), E = (1 - a^(k+1)) / (1 - a): best k in "
@@ -285,4 +285,4 @@ def profile_text(result: dict[str, Any]) -> str:
             f"draft call has a fixed {p['draft_wall_ms']['median'] - p['draft_server_ms']['median']:.1f}"
             " ms of link and HTTP on top of its computing: the component bound in the tables "
             f"charges both. Expected tokens per round E(a, k) at k = {k}: "
-            f"{bm.expected_tokens(result['bound']['a'], int(k)):.2f}.")
+            f"{bm.expected_tokens(result['bound']['alpha'], int(k)):.2f}.")

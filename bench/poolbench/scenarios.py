@@ -172,7 +172,7 @@ def measure_pair(run: Run) -> None:
     bench = run.bench
     bench.take_reference(run.single)
     run.result["agreement"] = measure_agreement(run.drafter, bench.prompts, bench.reference)
-    log(f"per-position agreement a = {run.result['agreement']['a']:.3f}")
+    log(f"per-position agreement a = {run.result['agreement']['alpha']:.3f}")
     run.result["costs"] = {"draft_ms_per_token": draft_step_ms(run.drafter, bench.prompts, 32)}
 
 
@@ -184,10 +184,10 @@ def set_costs(run: Run, pool_ms: float) -> None:
     draft_ms = costs["draft_ms_per_token"]["median"]
     costs.update({"pool_ms_per_token": pool_ms, "single_ms_per_token": single_ms,
                   "draft_over_single_target": draft_ms / single_ms})
-    bound = speedup_bound(run.result["agreement"]["a"], bm.cost_ratio(draft_ms, pool_ms),
+    bound = speedup_bound(run.result["agreement"]["alpha"], bm.cost_ratio(draft_ms, pool_ms),
                           run.args.ks)
     run.result["bound"] = bound
-    log(f"c = {bound['c']:.3f}; bound best k {bound['best_k']}, S = {bound['best_speedup']:.2f}")
+    log(f"c = {bound['cost_ratio']:.3f}; bound best k {bound['best_k']}, S = {bound['best_speedup']:.2f}")
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from .settings import ADAPTIVE, NATIVE_DEFAULT
 def speedup_bound(a: float, c: float, ks: Sequence[int]) -> dict[str, Any]:
     """Leviathan's bound S = E(a, k) / (k c + 1) over the sweep, and its best k."""
     best = bm.best_k(a, c, ks)
-    return {"a": a, "c": c, "best_k": best, "best_speedup": bm.predicted_speedup(a, best, c),
+    return {"alpha": a, "cost_ratio": c, "best_k": best, "best_speedup": bm.predicted_speedup(a, best, c),
             "per_k": {k: bm.predicted_speedup(a, k, c) for k in ks}}
 
 
@@ -137,7 +137,7 @@ def apply_component_bound(rows: list[dict[str, Any]], result: dict[str, Any]) ->
             continue
         draft_ms = (prof["draft_wall_ms"]["median"] if row["config"] == "d"
                     else k * costs["draft_ms_per_token"]["median"])
-        bound = bm.component_speedup(result["bound"]["a"], k, costs["pool_ms_per_token"],
+        bound = bm.component_speedup(result["bound"]["alpha"], k, costs["pool_ms_per_token"],
                                      draft_ms, prof["verify_wall_ms"]["median"])
         row["component_speedup"] = bound
         row["component_efficiency"] = bm.efficiency(row["vs_b"], bound)
@@ -170,8 +170,8 @@ def apply_native_default(rows: list[dict[str, Any]], native_k: int | None,
             if k_num:
                 row["k_used"] = k_num
                 if row["config"] == "c" and row["streams"] == 1 and row.get("vs_b"):
-                    row["predicted_speedup"] = bm.predicted_speedup(bound["a"], k_num,
-                                                                    bound["c"])
+                    row["predicted_speedup"] = bm.predicted_speedup(bound["alpha"], k_num,
+                                                                    bound["cost_ratio"])
                     row["efficiency"] = bm.efficiency(row["vs_b"], row["predicted_speedup"])
 
 
@@ -180,7 +180,7 @@ def finish(result: dict[str, Any], samples: Sequence[Sample], ks: list[str]) -> 
     the headline."""
     result["samples"] = [{key: value for key, value in asdict(s).items()
                           if key not in ("text", "token_ids")} for s in samples]
-    summary = summarize(samples, result["bound"]["a"], result["bound"]["c"],
+    summary = summarize(samples, result["bound"]["alpha"], result["bound"]["cost_ratio"],
                         ["-", *ks, ADAPTIVE, NATIVE_DEFAULT])
     apply_native_default(summary["rows"], result["native_default_k"], result["bound"])
     apply_component_bound(summary["rows"], result)

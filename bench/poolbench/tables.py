@@ -49,7 +49,7 @@ def config_table(result: dict[str, Any]) -> str:
             "draft-link round trips/token | Leviathan S, efficiency | component S, efficiency | "
             "output = (a) |")
     rows = [head, "|" + "---|" * 14]
-    a = result["bound"]["a"]
+    a = result["bound"]["alpha"]
     for r in result["summary"]["rows"]:
         if r["streams"] != 1:
             continue

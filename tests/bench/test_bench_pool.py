@@ -85,7 +85,7 @@ def test_pool_bench_smoke(tmp_path: Path, bin_dir: Path) -> None:
     assert profile["verify_rpc_bytes_down"]["median"] > 0
     assert profile["verify_rpc_round_trips"]["median"] > 0
     bound = result["bound"]
-    assert 0 < bound["a"] <= 1 and bound["c"] > 0 and bound["best_k"] == 2
+    assert 0 < bound["alpha"] <= 1 and bound["cost_ratio"] > 0 and bound["best_k"] == 2
     assert "--metrics" in result["coordinator_args"]
     # Greedy outputs: the pool and native speculation give (a)'s tokens; the proxy its text.
     for key in ("b/-", "c/2", "c2/2", "d/2"):
