@@ -13,6 +13,8 @@ controller's Ansible runs with (docs/deploy.md, "What you need"): the split in
 - The split is ``tightwad.pool.placement``'s, the one ``tightwad init`` proposes: proportional to
   each device's free memory less a compute headroom, read on the workers at deploy time
   (``llama-server --list-devices`` for GPUs; ``MemAvailable`` for the CPU device).
+- ``*_ctx_size: auto`` is ``tightwad.pool.context``'s choice for the model file on the controller,
+  the slots and the memory the deploy measured (or the host's RAM).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ except ImportError:  # pragma: no cover
 try:
     from tightwad import defaults
     from tightwad.llamaserver.wire import parse_list_devices
-    from tightwad.pool import placement
+    from tightwad.pool import context, placement
+    from tightwad.pool.gguf_info import GGUFError, read_info
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError(
         "the tightwad package is not importable by the Python that runs Ansible: run "
@@ -144,6 +147,29 @@ def tightwad_tensor_split(free_mib) -> str:
     return placement.format_split(placement.propose_split(free))
 
 
+def tightwad_ctx_size(model: str, slots, free_mib, name: str = "coordinator",
+                      cap_per_slot=0) -> dict:
+    """``auto`` context for the GGUF ``model`` (a controller path) served by ``slots`` slots on
+    devices (or a host) with ``free_mib`` MiB free, at most ``cap_per_slot`` tokens per slot
+    when set: ``tightwad.pool.context.choose_for_model``, as a dict (ctx_size, per_slot,
+    trained, limit, warning, message)."""
+    if not model:
+        raise AnsibleFilterError(
+            f"{name}_ctx_size: auto reads the model's trained context and KV cache size from the "
+            f"GGUF on the controller, and {name}_model is not set (a model URL is not read "
+            f"before it is on the host): set {name}_ctx_size to a number of tokens for all "
+            f"slots together, e.g. {context.SMALL_PER_SLOT} x {name}_parallel")
+    try:
+        info = read_info(model)
+    except GGUFError as exc:
+        raise AnsibleFilterError(f"{name}_ctx_size: auto: {exc}") from None
+    choice = context.choose_for_model(info, int(slots),
+                                      [int(v) * placement.MiB for v in free_mib or []],
+                                      cap_per_slot=int(cap_per_slot or 0))
+    return {"ctx_size": choice.ctx_size, "per_slot": choice.per_slot, "trained": choice.trained,
+            "limit": choice.limit, "warning": choice.warning, "message": choice.message}
+
+
 class FilterModule:
     def filters(self) -> dict:
         return {"tightwad_pool_addresses": tightwad_pool_addresses,
@@ -151,4 +177,5 @@ class FilterModule:
                 "tightwad_service_url": tightwad_service_url,
                 "tightwad_role_var": tightwad_role_var,
                 "tightwad_free_mib": tightwad_free_mib,
-                "tightwad_tensor_split": tightwad_tensor_split}
+                "tightwad_tensor_split": tightwad_tensor_split,
+                "tightwad_ctx_size": tightwad_ctx_size}

@@ -42,11 +42,20 @@ structured output) made explicit."""
 SLOTS: Final = 4
 """Parallel slots (``-np``) of the coordinator and drafter: requests served at once."""
 
-CTX_SIZE: Final = 4096
-"""A deployed coordinator's / drafter's total context (shared by its slots)."""
+CTX_SIZE: Final = "auto"
+"""A deployed coordinator's / drafter's total context (shared by its slots): ``auto`` gives each
+slot the model's trained context as far as memory allows, never below CTX_PER_SLOT_FLOOR
+(``tightwad.pool.context``); an integer sets it."""
 
-LOCAL_CTX_SIZE: Final = 2048
-"""The local pool's context: its demo models are tiny and its machine small."""
+CTX_PER_SLOT_FLOOR: Final = 2048
+"""The least context per slot ``auto`` chooses (it says so when memory does not allow it)."""
+
+CTX_PER_SLOT_SMALL: Final = 4096
+"""``doctor`` warns when a slot has less (unless the model was trained on less)."""
+
+LOCAL_CTX_SIZE: Final = 16384
+"""The local pool's context, all slots together: each of its 4 slots gets the demo models' whole
+trained context (4096), which costs only ~32 MB of KV cache for these tiny models."""
 
 LLAMA_SERVER_ARGS: Final = ("--cache-ram", "0", "--no-cache-idle-slots")
 """What every coordinator and drafter llama-server runs with, besides its model, slots and

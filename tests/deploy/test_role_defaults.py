@@ -19,22 +19,26 @@ import yaml
 
 from support import REPO
 from tightwad import build, defaults
+from tightwad.pool import context
+from tightwad.pool.gguf_info import read_info
+from tightwad.pool.placement import MiB
 
 ROLES = REPO / "roles"
 
 # role variable -> the tightwad.defaults value it must equal
 EXPECTED: dict[str, Any] = {
     "coordinator_port": defaults.COORDINATOR_PORT,
-    "coordinator_ctx_size": defaults.CTX_SIZE,
+    "coordinator_ctx_size": defaults.CTX_SIZE,  # "auto": tightwad.pool.context
     "coordinator_parallel": defaults.SLOTS,
     "coordinator_verify_max_tokens": defaults.VERIFY_MAX_TOKENS,
     "coordinator_output_top_n": defaults.OUTPUT_TOP_N,
     "drafter_port": defaults.DRAFTER_PORT,
     "drafter_ctx_size": defaults.CTX_SIZE,
     "drafter_parallel": defaults.SLOTS,
-    # The building block's own defaults: those of its main user, the coordinator.
+    # The building block's own defaults: those of its main user, the coordinator; its context is
+    # an integer (its users pass their auto choice): SLOTS slots that doctor does not call small.
     "llama_server_port": defaults.COORDINATOR_PORT,
-    "llama_server_ctx_size": defaults.CTX_SIZE,
+    "llama_server_ctx_size": defaults.CTX_PER_SLOT_SMALL * defaults.SLOTS,
     "llama_server_parallel": defaults.SLOTS,
     "proxy_port": defaults.PROXY_PORT,
     "rpc_worker_instances": [dict(instance) for instance in defaults.RPC_INSTANCES],
@@ -71,6 +75,24 @@ def test_pool_filters_fall_back_to_the_same_defaults() -> None:
     for variable, value in pool.ROLE_DEFAULTS.items():
         assert value == EXPECTED[variable], variable
     assert pool.tightwad_rpc_endpoints(["w"], {"w": {}})[0]["port"] == defaults.RPC_PORT
+
+
+def test_auto_context_is_the_packages_rule_for_the_model_file(models) -> None:
+    """``*_ctx_size: auto`` (the tightwad_ctx_size filter the coordinator and drafter roles
+    call) is tightwad.pool.context's choice for the GGUF the role deploys."""
+    pool = _load(REPO / "filter_plugins" / "tightwad_pool.py")
+    info = read_info(models.target)
+    for slots, free_mib in ((4, [64 * 1024]), (2, [300, 200]), (4, [1])):
+        got = pool.tightwad_ctx_size(str(models.target), slots, free_mib)
+        want = context.choose_for_model(info, slots, [m * MiB for m in free_mib])
+        assert (got["ctx_size"], got["per_slot"], got["limit"], got["warning"]) == \
+            (want.ctx_size, want.per_slot, want.limit, want.warning)
+        assert got["trained"] == info.arch_value("context_length") > 0
+    # The drafter's: at most the coordinator's slot.
+    capped = pool.tightwad_ctx_size(str(models.draft), 4, [64 * 1024], "drafter", 1024)
+    assert capped["per_slot"] == 1024 and capped["limit"] == "cap per slot"
+    with pytest.raises(pool.AnsibleFilterError, match="set drafter_ctx_size to a number"):
+        pool.tightwad_ctx_size("", 4, [1024], "drafter")
 
 
 def test_no_role_reaches_into_the_python_tree_by_a_relative_path() -> None:

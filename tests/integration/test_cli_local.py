@@ -80,7 +80,8 @@ def local_pool(bin_dir: Path, models: ModelSet,
                     "--workers", ",".join(map(str, ports["workers"])),
                     "--coordinator-port", str(ports["coordinator"]),
                     "--drafter-port", str(ports["drafter"]), "--port", str(ports["proxy"]),
-                    "--ctx", "4096")
+                    # 4 slots of the demo models' trained 4096: doctor warns about smaller ones.
+                    "--ctx", "16384")
     try:
         assert done.returncode == 0, done.stdout + done.stderr
         yield LocalPool(state, ports)

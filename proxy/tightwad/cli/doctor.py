@@ -62,7 +62,8 @@ def view_from_inventory(path: Path, bin_dir: Path | None) -> checks.PoolView:
                                            coord.port("coordinator_port",
                                                       inv_mod.COORDINATOR_PORT))
         view.coordinator_address = coord.pool_address
-        view.ctx = int(coord.vars.get("coordinator_ctx_size", inv_mod.DEFAULT_CTX))
+        view.ctx = coord.ctx_size("coordinator_ctx_size")
+        view.slots = coord.port("coordinator_parallel", inv_mod.DEFAULT_SLOTS)
         if "coordinator_ram_mb" in coord.vars:
             view.coordinator_ram = int(coord.vars["coordinator_ram_mb"]) * 1024 * 1024
     drafters = inventory.group("drafters")
@@ -106,6 +107,7 @@ def view_from_local(state_dir: Path | None) -> checks.PoolView:
     view.model = Path(state.model)
     view.draft = Path(state.draft) if state.draft else None
     view.ctx = state.ctx  # -c: the KV cache of all slots together
+    view.slots = state.slots
     view.bin_dir = Path(state.bin_dir)
     view.serving_workers_known = True
     view.processes = {s.kind if s.kind != "rpc" else s.name: localpool.alive(s)

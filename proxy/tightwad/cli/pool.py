@@ -59,8 +59,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=defaults.PROXY_PORT,
                    help="local: the proxy's port (default: %(default)s)")
     p.add_argument("--slots", type=int, default=defaults.SLOTS)
-    p.add_argument("--ctx", type=int, default=8192, help="local: context of the coordinator "
-                   "and drafter, all slots together (default: 8192)")
+    p.add_argument("--ctx", type=int, default=defaults.LOCAL_CTX_SIZE, help="local: context of "
+                   "the coordinator and drafter, all slots together (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="local: threads per process")
     p.set_defaults(func=start)
 

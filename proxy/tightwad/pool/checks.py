@@ -23,7 +23,7 @@ from typing import Any
 from tightwad import build as llama_build
 from tightwad import defaults
 from tightwad.llamaserver import wire
-from tightwad.pool import discovery, rpcproto
+from tightwad.pool import context, discovery, rpcproto
 from tightwad.pool.gguf_info import GGUFError, GGUFInfo, read_info
 from tightwad.pool.inventory import is_loopback
 from tightwad.pool.placement import MiB, human_bytes, pool_fit
@@ -72,7 +72,10 @@ class PoolView:
     proxy_token: bool = False
     model: Path | None = None
     draft: Path | None = None
-    ctx: int = defaults.CTX_SIZE
+    ctx: int | None = None
+    """The coordinator's ``-c`` (all slots together); None: ``auto`` (:mod:`tightwad.pool.context`
+    chooses it from the model and the memory)."""
+    slots: int = defaults.SLOTS
     coordinator_ram: int | None = None
     """Bytes, from a configured limit; None: measure it (possible when the coordinator is here)."""
     bin_dir: Path | None = None
@@ -362,6 +365,62 @@ def check_workers(view: PoolView, facts: Facts) -> list[Check]:
     return out
 
 
+@dataclass(frozen=True)
+class SlotContext:
+    per_slot: int
+    slots: int
+    source: str
+    warning: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.per_slot * self.slots
+
+
+def _idle_free(view: PoolView, facts: Facts) -> list[int] | None:
+    """Free bytes of every worker device, when every worker is idle and said so (else None)."""
+    idle = [h for h in facts.hellos.values() if isinstance(h, rpcproto.Hello)]
+    if view.workers and len(idle) == len(view.workers):
+        return [d.free for h in idle for d in h.devices]
+    return None
+
+
+def slot_context(view: PoolView, facts: Facts) -> SlotContext | None:
+    """A coordinator slot's context: what the serving coordinator's ``/props`` says, else the
+    inventory's number, else what ``auto`` chooses for the target and the idle workers' memory
+    (the deploy's rule); None when auto has no readable model to choose from."""
+    found = facts.http.get("coordinator")
+    if found is not None and found.kind == "llama-server" and found.n_ctx:
+        return SlotContext(found.n_ctx, found.slots or view.slots, "the coordinator's /props")
+    if view.ctx is not None:
+        return SlotContext(view.ctx // max(1, view.slots), view.slots, "coordinator_ctx_size")
+    if facts.target is None:
+        return None
+    choice = context.choose_for_model(facts.target, view.slots, _idle_free(view, facts))
+    return SlotContext(choice.per_slot, choice.slots, f"auto, set by the {choice.limit}",
+                       choice.warning)
+
+
+def check_context(view: PoolView, facts: Facts) -> list[Check]:
+    if view.coordinator is None:
+        return []
+    slot = slot_context(view, facts)
+    if slot is None:
+        return [Check("slot context", SKIP, "coordinator_ctx_size is auto and the target model "
+                      "is unreadable (see above)")]
+    trained = context.trained_context(facts.target) if facts.target is not None else 0
+    msg = (f"{slot.per_slot} tokens per slot x {slot.slots} slot(s) ({slot.source}"
+           + (f"; the model was trained on {trained}" if trained else "") + ")")
+    small = context.small_slot(slot.per_slot, trained)
+    if not small and not slot.warning:
+        return [Check("slot context", OK, msg)]
+    return [Check("slot context", WARN,
+                  msg + (f": {small}, so longer conversations fail with a context error"
+                         if small else "") + (f"; {slot.warning}" if slot.warning else ""),
+                  "raise coordinator_ctx_size (auto gives each slot the trained context as far "
+                  "as memory allows), lower coordinator_parallel, or add worker memory")]
+
+
 def check_memory(view: PoolView, facts: Facts) -> list[Check]:
     out = []
     info = facts.target
@@ -383,18 +442,20 @@ def check_memory(view: PoolView, facts: Facts) -> list[Check]:
     else:
         out.append(Check("coordinator RAM", OK, f"model file {human_bytes(info.size)} <= "
                          f"{human_bytes(ram)} ({source})"))
-    kv = info.kv_cache_bytes(view.ctx)
-    idle = [h for h in facts.hellos.values() if isinstance(h, rpcproto.Hello)]
-    if view.workers and len(idle) == len(view.workers):
-        fit = pool_fit(info.size, kv, [d.free for h in idle for d in h.devices])
+    slot = slot_context(view, facts)
+    ctx = slot.total if slot is not None else 0
+    kv = info.kv_cache_bytes(ctx)
+    free = _idle_free(view, facts)
+    if free is not None:
+        fit = pool_fit(info.size, kv, free)
         msg = (f"need {human_bytes(fit.need)} (model {human_bytes(info.size)} + KV cache "
-               f"{human_bytes(kv)} at {view.ctx} ctx), devices can hold {human_bytes(fit.have)}")
+               f"{human_bytes(kv)} at {ctx} ctx), devices can hold {human_bytes(fit.have)}")
         out.append(Check("device memory", OK if fit.ok else FAIL, msg,
                          "" if fit.ok else "add a worker, lower the context, or use a smaller "
                          "quantization"))
     elif facts.coordinator_healthy:
         out.append(Check("device memory", OK, f"the coordinator serves the model "
-                         f"({human_bytes(info.size)} + KV {human_bytes(kv)} at {view.ctx} ctx) "
+                         f"({human_bytes(info.size)} + KV {human_bytes(kv)} at {ctx} ctx) "
                          "from its workers"))
     else:
         out.append(Check("device memory", WARN, f"need {human_bytes(info.size + kv)}; worker "
@@ -504,7 +565,7 @@ def check_exposure(view: PoolView, facts: Facts) -> list[Check]:
 
 CHECKS: list[Callable[[PoolView, Facts], list[Check]]] = [
     check_inventory, check_models, check_tokenizer, check_versions, check_workers,
-    check_memory, check_services, check_units, check_proxy_auth, check_exposure,
+    check_memory, check_context, check_services, check_units, check_proxy_auth, check_exposure,
 ]
 
 

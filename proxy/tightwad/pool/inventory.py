@@ -38,6 +38,7 @@ DRAFTER_PORT = defaults.DRAFTER_PORT
 PROXY_PORT = defaults.PROXY_PORT
 RPC_PORT = defaults.RPC_PORT
 DEFAULT_CTX = defaults.CTX_SIZE
+DEFAULT_SLOTS = defaults.SLOTS
 DEFAULT_INSTANCES: list[dict[str, Any]] = [dict(instance) for instance in defaults.RPC_INSTANCES]
 
 
@@ -87,6 +88,12 @@ class Host:
 
     def port(self, key: str, default: int) -> int:
         return int(self.vars.get(key, default))
+
+    def ctx_size(self, key: str) -> int | None:
+        """A ``*_ctx_size`` role variable: its integer, or None for ``auto`` (the default: the
+        role picks it from the model and the memory, ``tightwad.pool.context``)."""
+        value = self.vars.get(key, DEFAULT_CTX)
+        return None if value == "auto" else int(value)
 
 
 @dataclass
@@ -270,6 +277,11 @@ def validate(inv: Inventory) -> list[str]:
         for key in ("coordinator_port", "drafter_port", "proxy_port"):
             if key in host.vars and not _port_ok(host.vars[key]):
                 errors.append(f"{name}.{key}: must be an integer 1-65535")
+        for key in ("coordinator_ctx_size", "drafter_ctx_size"):
+            value = host.vars.get(key, "auto")
+            if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool)
+                                        and value > 0):
+                errors.append(f"{name}.{key}: must be auto or a positive integer")
     if coordinators:
         split = inv.hosts[coordinators[0]].vars.get("coordinator_tensor_split")
         if split is not None and split != "auto":
