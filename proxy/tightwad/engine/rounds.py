@@ -151,10 +151,15 @@ class SpeculativeRun:
         unknown); the answer and its seconds."""
         params = self.params
         seed = None if params.greedy else int(self.rng.uniform() * 2 ** 32)
+        # A step with nothing to score is the server's own draw: its top list would only give
+        # the new token's bytes, which the next round's verify scores anyway. Asking for none
+        # keeps the step on the coordinator's top-n path (a plain generation with n_probs
+        # fetches the full logits).
+        n_probs = self.n_probs if draft.tokens or pending else 0
         t0 = time.monotonic()
         verify = await self.servers.verify(
             self.context, draft.tokens, scored=pending, sampling=params, seed=seed,
-            n_probs=self.n_probs, id_slot=self.slot, ignore_eos=self.request.ignore_eos)
+            n_probs=n_probs, id_slot=self.slot, ignore_eos=self.request.ignore_eos)
         return verify, time.monotonic() - t0
 
     def _decide(self, draft: Draft, verify: Completion, verify_s: float,
