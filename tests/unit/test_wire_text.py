@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from tightwad.llamaserver import wire
 
-MODEL = "/root/.cache/tightwad/models/tightwad-test-target-ec00009ea2b0.gguf"
+MODEL = "/var/lib/tightwad/models/tightwad-test-target-ec00009ea2b0.gguf"
 
 # GET /props of the pooled coordinator (-np 2 -c 2048), generation params trimmed.
 PROPS = {
