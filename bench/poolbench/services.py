@@ -42,13 +42,10 @@ def coordinator_args() -> list[str]:
 
 
 def drafter_args() -> list[str]:
-    """What the product's drafter runs with, where the local pool defines it; else only the
-    verify limit (the agreement probe scores draft positions through the verify API)."""
-    product = getattr(localpool, "drafter_args", None)
-    extra = list(product()) if callable(product) else []
-    if "--verify-max-tokens" not in extra:
-        extra += ["--verify-max-tokens", str(VERIFY_MAX_TOKENS)]
-    return extra
+    """The verify limit: the agreement probe scores draft positions through the verify API.
+    (The product's drafter needs no flags of its own; the pool settings come with
+    ProcessGroup.llama_server.)"""
+    return ["--verify-max-tokens", str(VERIFY_MAX_TOKENS)]
 
 
 def start_coordinator(group: ProcessGroup, model: Path, rpc: Sequence[str], name: str,
