@@ -78,8 +78,8 @@ from poolbench.summary import finish
 from poolbench.tables import config_table
 
 from tightwad import build as llama_build
+from tightwad.pool.linkemu import PROFILES, LinkProfile, adjust_profile
 from tightwad_dev.benchmodels import BenchPair, ensure_bench_models, ensure_real_vocab_models
-from tightwad_dev.linkemu import PROFILES, LinkProfile, adjust_profile
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

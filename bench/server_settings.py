@@ -9,7 +9,7 @@ the proxy every speculation round is a new task. This measures, for each setting
 to the coordinator and the drafter alike:
 
 - a loopback pool of 2 ``ggml-rpc-server`` workers behind link emulator relays
-  (:mod:`tightwad_dev.linkemu`, ``--profile``, default ``wifi``), the demo models
+  (:mod:`tightwad.pool.linkemu`, ``--profile``, default ``wifi``), the demo models
   (:mod:`tightwad.pool.demomodels`), a coordinator with 4 slots and ``--verify-max-tokens 32``,
   a drafter with 4 slots and the proxy in remote mode;
 - 1 stream, then ``--streams`` concurrent streams, of ``--tokens`` greedy tokens each
@@ -43,9 +43,9 @@ from benchenv import binary_version, llama_binaries, machine_info
 from tightwad import build as llama_build
 from tightwad import defaults
 from tightwad.pool.demomodels import DemoPair, ensure_demo_pair
+from tightwad.pool.linkemu import PROFILES, LinkStats, RelayThread
 from tightwad.pool.procs import HttpService, ProcessGroup, RpcWorker
 from tightwad_dev.benchmath import spread
-from tightwad_dev.linkemu import PROFILES, LinkStats, RelayThread
 
 SETTINGS: dict[str, tuple[str, ...]] = {
     "llama.cpp defaults": (),

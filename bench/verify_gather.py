@@ -2,7 +2,7 @@
 """Does verify gathering put concurrent streams' verifies into ONE coordinator batch, and what
 does it buy? (issue 13, point 2; docs/proxy.md, "Verify gathering")
 
-A 2-worker pool (``ggml-rpc-server`` x 2 behind :mod:`tightwad_dev.linkemu` relays, ``--profile``,
+A 2-worker pool (``ggml-rpc-server`` x 2 behind :mod:`tightwad.pool.linkemu` relays, ``--profile``,
 default ``wifi``), a coordinator ``llama-server`` (``--metrics``) holding the demo target, a
 drafter (the demo draft, behind its own relay), and one Tightwad proxy per gathering window in
 ``--windows`` (``speculation.gather_ms``; 0 = off), all in remote mode against the same servers.
@@ -44,10 +44,10 @@ from poolbench.settings import PROMPTS as SHARED_PROMPTS  # bench/ is on sys.pat
 
 from tightwad import build as llama_build
 from tightwad.pool.demomodels import ensure_demo_pair
+from tightwad.pool.linkemu import PROFILES, RelayThread
 from tightwad.pool.procs import HttpService, LlamaServer, ProcessGroup
 from tightwad_dev.benchmath import spread
 from tightwad_dev.clients import StreamResult, stream
-from tightwad_dev.linkemu import PROFILES, RelayThread
 
 PROMPTS = SHARED_PROMPTS[:8]
 VERIFY_MAX_TOKENS = 32

@@ -2,7 +2,7 @@
 """What does ``--output-top-n`` save? Bytes and time of a verify, and of a plain decoded token.
 
 Two loopback pools side by side, identical but for the flag: each 2 ``ggml-rpc-server`` workers
-behind link-emulator relays (:mod:`tightwad_dev.linkemu`, ``--profile``) and a coordinator
+behind link-emulator relays (:mod:`tightwad.pool.linkemu`, ``--profile``) and a coordinator
 ``llama-server`` with ``--verify-max-tokens 32`` and one slot, holding the 128k-vocabulary test
 target; ``full`` pulls n_vocab logits per output row (patch 0001 alone), ``top-n`` runs with
 ``--output-top-n N`` (patch 0005: the worker holding the output layer sends N ids and
@@ -38,9 +38,9 @@ from typing import Any
 from benchenv import binary_version, llama_binaries, machine_info
 
 from tightwad import build as llama_build
+from tightwad.pool.linkemu import PROFILES, LinkStats, RelayThread
 from tightwad.pool.procs import LlamaServer, ProcessGroup
 from tightwad_dev.benchmath import spread
-from tightwad_dev.linkemu import PROFILES, LinkStats, RelayThread
 from tightwad_dev.models import ensure_models
 
 PROMPTS = [
@@ -48,7 +48,11 @@ PROMPTS = [
     "Once upon a time, in a land far away, there lived",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
 ]
-CONFIGS = ("full", "top-n")
+# Where the output layer runs: on the worker holding the last layers (llama.cpp's choice), or on
+# the coordinator's own CPU (``-ot output.weight=CPU``: only hidden states cross the link).
+OUTPUT_ON_COORDINATOR = ["--override-tensor", r"output\.weight=CPU"]
+CONFIG_ARGS = {"full": [], "top-n": None, "full-out-coord": OUTPUT_ON_COORDINATOR,
+               "top-n-out-coord": None}
 VERIFY_MAX_TOKENS = 32
 DECODE_TOKENS = 16
 
@@ -92,6 +96,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="link emulated between each coordinator and its workers (default wifi)")
     p.add_argument("--k", type=int, nargs="+", default=[1, 4, 8, 16], help="draft lengths")
     p.add_argument("--top-n", type=int, default=16, help="--output-top-n of the top-n pool")
+    p.add_argument("--configs", nargs="+", default=["full", "top-n"], choices=list(CONFIG_ARGS),
+                   help="pools to compare (default: full top-n); *-out-coord: the output "
+                   "layer on the coordinator's CPU")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per prompt")
     p.add_argument("--prompts", type=int, default=2, help=f"how many of the {len(PROMPTS)} "
                    "built-in prompts to use")
@@ -107,11 +114,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def summarize(samples: list[Sample], requests: list[str]) -> dict[str, Any]:
+def summarize(samples: list[Sample], requests: list[str],
+              configs: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for request in requests:
         per = 1 if request != "decode" else DECODE_TOKENS
-        for config in CONFIGS:
+        for config in configs:
             mine = [s for s in samples if s.config == config and s.request == request]
             out[f"{request} / {config}"] = {
                 "wall_ms": spread([s.wall_ms for s in mine]),
@@ -123,14 +131,15 @@ def summarize(samples: list[Sample], requests: list[str]) -> dict[str, Any]:
     return out
 
 
-def table(summary: dict[str, Any], requests: list[str], link: str) -> str:
+def table(summary: dict[str, Any], requests: list[str], link: str,
+          configs: Sequence[str]) -> str:
     rows = ["| Link | Request | Config | Wall ms, median [95% CI] (p25-p75) | Server ms | "
             "Bytes to / from workers | Round trips | Wall speed-up |",
             "|---|---|---|---|---|---|---|---|"]
     for request in requests:
         label = f"{request} (per token)" if request == "decode" else request
-        full_ms = summary[f"{request} / full"]["wall_ms"]["median"]
-        for config in CONFIGS:
+        full_ms = summary[f"{request} / {configs[0]}"]["wall_ms"]["median"]
+        for config in configs:
             e = summary[f"{request} / {config}"]
             w = e["wall_ms"]
             ms = (w["median"] / DECODE_TOKENS if request == "decode" else w["median"])
@@ -158,23 +167,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"llama.cpp: {binary_version(bin_dir / 'llama-server')}, build {build_name}", flush=True)
 
     requests = [f"verify {k}" for k in args.k] + ["decode"]
+    configs = tuple(args.configs)
     samples: list[Sample] = []
     with tempfile.TemporaryDirectory(prefix="tightwad-bench-") as log_dir, \
             ProcessGroup(bin_dir=bin_dir, log_dir=Path(log_dir), threads=args.threads) as group:
         pools: dict[str, tuple[LlamaServer, RelayThread]] = {}
         try:
-            for config in CONFIGS:
+            for config in configs:
                 workers = [group.rpc_worker(name=f"{config}-worker{i}") for i in range(2)]
                 relays = RelayThread([w.endpoint for w in workers], args.profile, seed=0).start()
-                extra = ["--output-top-n", str(args.top_n)] if config == "top-n" else []
+                extra = ((["--output-top-n", str(args.top_n)] if "top-n" in config else [])
+                         + (OUTPUT_ON_COORDINATOR if "out-coord" in config else []))
                 server = group.llama_server(
                     models.target, name=config, rpc=relays.endpoints, slots=1, timeout=600,
                     args=["--verify-max-tokens", str(VERIFY_MAX_TOKENS), *extra])
                 pools[config] = (server, relays)
-            server0 = pools["full"][0]
+            server0 = pools[configs[0]][0]
             n_vocab = server0.get("/v1/models")["data"][0]["meta"]["n_vocab"]
             print(f"model: {models.target.name}, {n_vocab}-token vocabulary; link "
-                  f"{pools['full'][1].profile.describe()}; top-n pool: --output-top-n "
+                  f"{pools[configs[0]][1].profile.describe()}; top-n pools: --output-top-n "
                   f"{args.top_n}", flush=True)
             for idx, text in enumerate(PROMPTS[:args.prompts]):
                 context = server0.post("/tokenize", {"content": text,
@@ -183,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "prompt": context, "n_predict": max(args.k), "temperature": 0,
                     "ignore_eos": True, "return_tokens": True, "cache_prompt": False})["tokens"]
                 for rep in range(args.reps):
-                    order = CONFIGS[rep % 2:] + CONFIGS[:rep % 2]
+                    shift = rep % len(configs)
+                    order = configs[shift:] + configs[:shift]
                     for request in requests:
                         for config in order:
                             server, relays = pools[config]
@@ -211,17 +223,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for _, relays in pools.values():
                 relays.close()
     machine["loadavg_end"] = os.getloadavg()
-    summary = summarize(samples, requests)
+    summary = summarize(samples, requests, configs)
     print()
     print(f"{args.prompts} prompts x {args.reps} repetitions per cell; load average "
           f"{machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f}; decode rows: "
           f"wall ms per {DECODE_TOKENS}-token request and per token, bytes per token.")
     print()
-    print(table(summary, requests, args.profile))
+    print(table(summary, requests, args.profile, configs))
     if args.json:
         args.json.write_text(json.dumps({
             "command": command, "machine": machine, "build": build_name,
-            "top_n": args.top_n, "profile": args.profile, "n_vocab": n_vocab,
+            "top_n": args.top_n, "configs": list(configs), "profile": args.profile, "n_vocab": n_vocab,
             "summary": summary, "samples": [asdict(s) for s in samples]}, indent=1))
     return 0
 

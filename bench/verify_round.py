@@ -12,7 +12,7 @@ and repetition, three requests from the same cached context (docs/verify-api.md,
 - ``batch``: the same k + 1 tokens evaluated stock (no ``prompt_logprobs``, one output), to
   show what the k extra output rows cost.
 
-Between the coordinator and each worker sits the link emulator (:mod:`tightwad_dev.linkemu`,
+Between the coordinator and each worker sits the link emulator (:mod:`tightwad.pool.linkemu`,
 ``--profile``), which also counts the bytes and round trips of every request. Reports wall
 clock and the server's own timings (median and spread over prompts x repetitions), prints a
 markdown table and the machine, models and command, and writes everything to ``--json``.
@@ -40,9 +40,9 @@ from benchenv import binary_version, llama_binaries, machine_info
 
 from tightwad import build as llama_build
 from tightwad.pool.demomodels import TARGET_SPEC
+from tightwad.pool.linkemu import PROFILES, LinkProfile, LinkStats, RelayThread, adjust_profile
 from tightwad.pool.procs import LlamaServer, ProcessGroup
 from tightwad_dev.benchmath import spread
-from tightwad_dev.linkemu import PROFILES, LinkProfile, LinkStats, RelayThread, adjust_profile
 from tightwad_dev.models import ensure_models
 
 PROMPTS = [

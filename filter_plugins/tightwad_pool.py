@@ -10,9 +10,13 @@ controller's Ansible runs with (docs/deploy.md, "What you need"): the split in
   the network the pool uses), else ``ansible_host``, else its inventory name.
 - The RPC endpoints are every worker instance of every worker host, in inventory order: the
   order of ``--rpc`` and therefore of ``--tensor-split``.
-- The split is ``tightwad.pool.placement``'s, the one ``tightwad init`` proposes: proportional to
-  each device's free memory less a compute headroom, read on the workers at deploy time
-  (``llama-server --list-devices`` for GPUs; ``MemAvailable`` for the CPU device).
+- The split is ``tightwad.pool.placement.place``'s, the one ``tightwad doctor`` prints: with
+  ``auto`` and every worker measured (``python -m tightwad.pool.probe`` on the controller: a
+  layer's time on each device, each link's round trip and bandwidth), the split with the least
+  predicted time per token, its output layer's device last in ``--rpc``; else (or with
+  ``memory``) proportional to each device's free memory less a compute headroom, read on the
+  workers at deploy time (``llama-server --list-devices`` for GPUs; ``MemAvailable`` for the
+  CPU device).
 - ``*_ctx_size: auto`` is ``tightwad.pool.context``'s choice for the model file on the controller,
   the slots and the memory the deploy measured (or the host's RAM).
 """
@@ -30,7 +34,7 @@ except ImportError:  # pragma: no cover
 try:
     from tightwad import defaults
     from tightwad.llamaserver.wire import parse_list_devices
-    from tightwad.pool import context, placement
+    from tightwad.pool import context, placement, probe
     from tightwad.pool.gguf_info import GGUFError, read_info
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError(
@@ -147,6 +151,59 @@ def tightwad_tensor_split(free_mib) -> str:
     return placement.format_split(placement.propose_split(free))
 
 
+def tightwad_placement(endpoints, free_mib, measurements=None, model: str = "", ctx_size="auto",
+                       slots=1, split="auto") -> dict:
+    """The coordinator's split: ``tightwad.pool.placement.place`` for the workers ``endpoints``
+    (inventory order) with ``free_mib`` free, the probe's ``measurements`` (a list of dicts,
+    :class:`tightwad.pool.probe.Measurement`), the GGUF ``model`` on the controller, and
+    ``split`` (``auto``, ``memory`` or a list of numbers, ``coordinator_tensor_split``).
+
+    Returns ``rpc`` (the ``--rpc`` value, in the placement's order), ``tensor_split``, ``mode``,
+    ``description`` (the reasoning, as ``tightwad doctor`` prints it) and ``order``."""
+    endpoints = list(endpoints or [])
+    rpcs = [e["rpc"] for e in endpoints]
+    if isinstance(split, (list, tuple)):
+        if len(split) != len(endpoints):
+            raise AnsibleFilterError(f"coordinator_tensor_split has {len(split)} numbers for "
+                                     f"{len(endpoints)} RPC workers ({', '.join(rpcs)})")
+        return {"rpc": ",".join(rpcs), "tensor_split": ",".join(str(x) for x in split),
+                "mode": "explicit", "order": list(range(len(rpcs))),
+                "description": "explicit: set by coordinator_tensor_split"}
+    if split not in ("auto", "memory"):
+        raise AnsibleFilterError(f"coordinator_tensor_split is {split!r}: use auto (speed-aware "
+                                 "when the workers are measured), memory, or one number per worker")
+    memory_only = {"rpc": ",".join(rpcs), "tensor_split": tightwad_tensor_split(free_mib),
+                   "mode": "memory", "order": list(range(len(rpcs)))}
+    if not model:
+        return {**memory_only, "description": "memory: proportional to free memory "
+                "(coordinator_model is not a file on the controller, so nothing to measure with)"}
+    try:
+        info = read_info(model)
+        total_ctx = (context.choose_for_model(info, int(slots), [int(v) * placement.MiB
+                                                                  for v in free_mib or []]).ctx_size
+                     if ctx_size == "auto" else int(ctx_size))
+        shape = probe.model_shape(model, total_ctx)
+    except GGUFError as exc:
+        raise AnsibleFilterError(f"coordinator_tensor_split: {exc}") from None
+    measured = {m.get("rpc"): probe.Measurement.from_dict(m) for m in measurements or []
+                if isinstance(m, dict)}
+    devices = []
+    for e, free in zip(endpoints, free_mib or []):
+        found = measured.get(e["rpc"])
+        free_bytes = int(free) * placement.MiB
+        devices.append(found.device(e["rpc"], free_bytes) if found is not None and not found.skipped
+                       else placement.Device(e["rpc"], free_bytes, host=e["host"]))
+    try:
+        chosen = placement.place(shape, devices, mode=str(split))
+    except placement.PlacementError as exc:
+        raise AnsibleFilterError(f"coordinator_tensor_split: {exc}") from None
+    skipped = [f"{m.rpc}: {m.skipped}" for m in measured.values() if m.skipped]
+    return {"rpc": ",".join(rpcs[i] for i in chosen.order), "tensor_split": chosen.tensor_split,
+            "mode": chosen.mode, "order": list(chosen.order),
+            "description": chosen.describe() + (f" (not measured: {'; '.join(skipped)})"
+                                                 if skipped else "")}
+
+
 def tightwad_ctx_size(model: str, slots, free_mib, name: str = "coordinator",
                       cap_per_slot=0) -> dict:
     """``auto`` context for the GGUF ``model`` (a controller path) served by ``slots`` slots on
@@ -178,4 +235,5 @@ class FilterModule:
                 "tightwad_role_var": tightwad_role_var,
                 "tightwad_free_mib": tightwad_free_mib,
                 "tightwad_tensor_split": tightwad_tensor_split,
+                "tightwad_placement": tightwad_placement,
                 "tightwad_ctx_size": tightwad_ctx_size}

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tightwad.pool.linkemu import LinkStats
 from tightwad.pool.procs import LlamaServer
-from tightwad_dev.linkemu import LinkStats
 
 from .http import Stream, get_json, prometheus_sums, stream_post
 from .relayproc import RelayProcess

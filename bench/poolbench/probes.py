@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from tightwad.pool.linkemu import LinkStats
 from tightwad.pool.procs import LlamaServer
 from tightwad_dev import benchmath as bm
-from tightwad_dev.linkemu import LinkStats
 
 from .http import post_json
 from .relayproc import RelayProcess

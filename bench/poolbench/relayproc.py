@@ -1,7 +1,7 @@
 """The link relays in a process of their own, so that the load generator's threads (up to 16
 streams parsing SSE) do not share an interpreter, and its GIL, with the relays' timers.
 
-The child runs :class:`tightwad_dev.linkemu.RelayThread` and speaks one JSON line per command on
+The child runs :class:`tightwad.pool.linkemu.RelayThread` and speaks one JSON line per command on
 its stdin/stdout: at start it prints its endpoints; ``stats`` answers one counter dict per relay;
 end of input closes the relays and exits::
 
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from tightwad_dev.linkemu import LinkProfile, LinkStats, RelayThread
+from tightwad.pool.linkemu import LinkProfile, LinkStats, RelayThread
 
 
 class RelayProcess:

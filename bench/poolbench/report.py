@@ -171,7 +171,7 @@ def setup_bullets(result: dict[str, Any]) -> list[str]:
              if s.get("vocab", "byte-bpe") == "byte-bpe" else
              f"Llama 3's llama-bpe tokenizer from the pinned tree ({models['n_vocab']} tokens)")
     return [
-        f"- **Link**: {result['link']}, emulated by `tightwad_dev.linkemu` relays (in a process "
+        f"- **Link**: {result['link']}, emulated by `tightwad.pool.linkemu` relays (in a process "
         f"of their own) between the coordinator and each of the {s['workers']} RPC workers, "
         "the junk host's rpc-server (c2) and the drafter (d, e); the proxy and the coordinator "
         "share a host.",

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tightwad.pool.linkemu import LinkProfile
 from tightwad.pool.procs import LlamaServer, ProcessGroup
 from tightwad_dev import benchmath as bm
 from tightwad_dev.benchmodels import BenchPair
-from tightwad_dev.linkemu import LinkProfile
 
 from .greedy import compare_outputs
 from .measure import Bench, Endpoint

@@ -91,6 +91,16 @@ class ListenConfig(_Section):
         "A stream that waits (queued for a slot, or while the prompt is evaluated) sends an "
         "SSE comment line this often, so idle timeouts of reverse proxies and clients do not "
         "cut it."))
+    write_timeout_s: float = Field(defaults.WRITE_TIMEOUT_S, gt=0, le=3600, description=(
+        "Longest a write to a client may block: a client that stops reading a stream loses it "
+        "after this long, and its coordinator slot is freed for the requests waiting."))
+    max_connections: int = Field(defaults.MAX_CONNECTIONS, ge=1, le=1_000_000, description=(
+        "Most client connections held open at once; one more gets 503 with Retry-After and is "
+        "closed (keep the service's open-file limit above it)."))
+    keepalive_timeout_s: float = Field(defaults.KEEPALIVE_TIMEOUT_S, gt=0, le=3600,
+                                       description=(
+        "An idle client connection is closed after this long; also the longest a new "
+        "connection may take to send its request's headers."))
 
 
 class AuthConfig(_Section):
@@ -177,6 +187,12 @@ class SpeculationConfig(_Section):
         "than a verify takes), and all go in one call that the coordinator evaluates in one "
         "batch instead of one each; 0: off."))
 
+    overlap: bool = Field(defaults.OVERLAP_DRAFTING, description=(
+        "While the coordinator verifies a draft, the drafter continues it; when the verify "
+        "accepts it all and the target's next token is the continuation's first, the next "
+        "round's draft is ready without waiting for the drafter. The output is the same either "
+        "way; false: the drafter waits for each verify."))
+
     mode_word = field_validator("mode", mode="before")(_yaml_word)
 
     @model_validator(mode="after")
@@ -203,6 +219,16 @@ class LimitsConfig(_Section):
         "only bound."))
     default_max_tokens: int | None = Field(None, ge=1, description=(
         "max_tokens for a request that does not say. None: until the end of the context."))
+    max_stop_strings: int = Field(defaults.MAX_STOP_STRINGS, ge=1, le=1024, description=(
+        "Most stop strings one request may give; more get 400."))
+    max_stop_chars: int = Field(defaults.MAX_STOP_CHARS, ge=1, le=1_000_000, description=(
+        "Longest stop string, in characters; longer get 400."))
+    max_queued: int = Field(defaults.MAX_QUEUED, ge=0, description=(
+        "Most requests waiting for a coordinator slot; one more gets 429 with Retry-After at "
+        "once. 0: no queue (a request that finds every slot busy gets 429)."))
+    queue_timeout_s: float = Field(defaults.QUEUE_TIMEOUT_S, gt=0, description=(
+        "Longest a request waits for a coordinator slot; then 503 with Retry-After (an error "
+        "event and [DONE] on a stream)."))
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> LimitsConfig:

@@ -77,6 +77,50 @@ only measurement so far (bench/verify_gather.py, 100 ms, a loaded 2-core machine
 compute-bound) gave 0.94x at 4 and 8 streams; turn it on (100) where a batch costs mostly
 network round trips, and measure."""
 
+OVERLAP_DRAFTING: Final = True
+"""Overlapped drafting (``speculation.overlap``): the drafter continues a draft while the
+coordinator verifies it, so a round that accepts everything starts the next without waiting for
+the drafter. The drafter would idle during the verify otherwise; the output is the same."""
+
+TARGET_ONLY_BURST: Final = 8
+"""Tokens a round without a draft asks the coordinator for when drafting is paused (it cannot
+pay at the current load) or hopeless for a request: one call instead of one per token, as a
+plain pass-through would decode them. Small enough that drafting can resume within a few
+tokens, and that text still streams out in small pieces."""
+
 SSE_KEEPALIVE_S: Final = 10.0
 """How often a waiting stream (queued, or prefilling a long prompt) sends an SSE comment line,
 so idle timeouts of reverse proxies and clients (often 30-60 s) do not cut it."""
+
+# -- what one client may cost the proxy (docs/proxy.md, "Limits"; docs/reliability.md) ----------
+
+MAX_STOP_STRINGS: Final = 16
+"""Most stop strings one request may give (``limits.max_stop_strings``); more get 400."""
+
+MAX_STOP_CHARS: Final = 1024
+"""Longest stop string, in characters (``limits.max_stop_chars``); longer get 400. Matching is
+linear in the text either way; the bound keeps per-request set-up and held-back text small."""
+
+MAX_QUEUED: Final = 64
+"""Most requests waiting for a coordinator slot (``limits.max_queued``); one more gets 429 with
+Retry-After at once, before its body is tokenized."""
+
+QUEUE_TIMEOUT_S: Final = 300.0
+"""Longest wait for a coordinator slot (``limits.queue_timeout_s``); then 503 with Retry-After
+(an error event and ``[DONE]`` on a stream)."""
+
+WRITE_TIMEOUT_S: Final = 30.0
+"""Longest a write to a client may block (``listen.write_timeout_s``): a client that stops
+reading a stream loses it after this long, and its coordinator slot is freed."""
+
+MAX_CONNECTIONS: Final = 256
+"""Most client connections the proxy holds open (``listen.max_connections``); one more gets 503
+with Retry-After and is closed."""
+
+KEEPALIVE_TIMEOUT_S: Final = 15.0
+"""How long an idle client connection stays open (``listen.keepalive_timeout_s``); also the
+longest a new connection may take to send its first request's headers."""
+
+HEALTH_CACHE_S: Final = 1.0
+"""``/health`` reuses the coordinator's last answer for this long, and concurrent calls share
+one look, so polling ``/health`` never costs the coordinator more than one call per period."""

@@ -135,11 +135,11 @@ def _fake_sdist(path: Path, head: str) -> Path:
 def test_archive_source_is_verified_against_the_pin(tmp_path: Path) -> None:
     wrong = _fake_sdist(tmp_path / "wrong.tar.gz", "f" * 40)
     with pytest.raises(b.BuildError, match="expected the pin"):
-        b.fetch_source(tmp_path / "cache-a", str(wrong))
+        b.fetch_source(tmp_path / "cache-a", str(wrong), sha256=b.sha256_file(wrong))
     assert not b.source_dir(tmp_path / "cache-a").exists()  # nothing half-installed
 
     good = _fake_sdist(tmp_path / "good.tar.gz", b.PIN_COMMIT)
-    tree = b.fetch_source(tmp_path / "cache-b", str(good))
+    tree = b.fetch_source(tmp_path / "cache-b", str(good), sha256=b.sha256_file(good))
     assert tree == b.source_dir(tmp_path / "cache-b")
     assert (tree / "tools/server/server.cpp").is_file() and not (tree / ".git").exists()
     origin = json.loads((tree / b.SOURCE_MARKER).read_text())

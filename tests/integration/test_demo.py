@@ -35,6 +35,7 @@ def test_demo_serves_until_interrupted(llama, models, cache_dir: Path) -> None:
         assert endpoint == f"http://{LOOPBACK}:{ports[0]}/v1"
         assert re.search(r"completion:\s+'.*' \(16 tokens", output), output
         assert "speculation: remote drafting, active" in output
+        assert "link:        direct (loopback" in output  # no emulated link unless asked
         with urllib.request.urlopen(f"{endpoint}/models", timeout=10) as resp:
             assert json.load(resp)["data"][0]["id"]
         assert all(tcp_open(LOOPBACK, p) for p in ports)

@@ -1,4 +1,4 @@
-"""The link emulator (tightwad_dev.linkemu): real sockets on loopback, a tiny framed echo server.
+"""The link emulator (tightwad.pool.linkemu): real sockets on loopback, a tiny framed echo server.
 
 Timing assertions use lower bounds the emulated link guarantees (a byte cannot arrive before
 its delay and serialisation time have passed) and generous upper bounds: these machines are
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from support import REPO
-from tightwad_dev.linkemu import (
+from tightwad.pool.linkemu import (
     PROFILES,
     LinkProfile,
     LinkStats,
@@ -470,7 +470,7 @@ def test_relay_thread_start_failure() -> None:
 
 def test_command_line(sync_echo: int) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tightwad_dev.linkemu", "--listen", "0",
+        [sys.executable, "-m", "tightwad.pool.linkemu", "--listen", "0",
          "--upstream", f"{LOOPBACK}:{sync_echo}", "--profile", "lan", "--delay-ms", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO / "proxy")})

@@ -13,9 +13,9 @@ import pytest
 
 from tightwad import defaults
 from tightwad.pool.gguf_info import read_info
+from tightwad.pool.linkemu import LinkStats, RelayThread
 from tightwad.pool.localpool import LaunchSpec, launch
 from tightwad.pool.procs import ProcessGroup, free_port
-from tightwad_dev.linkemu import LinkStats, RelayThread
 from tightwad_dev.models import ModelSet
 
 LONG = 1500  # tokens slot 0 holds while slot 1 gets a new task

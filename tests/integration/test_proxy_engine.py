@@ -317,6 +317,46 @@ def test_sampling_is_indistinguishable_from_the_target_and_a_wrong_rule_is_not(
     assert p_wrong < 1e-6, f"the test cannot see a wrong acceptance rule (p = {p_wrong:.3g})"
 
 
+def test_sampling_through_continued_drafts_is_the_targets(spec_pool, record_property) -> None:
+    """Overlapped drafting: a round whose draft is the continuation the drafter wrote while the
+    last verify ran samples the target's distribution too. The third token of 4 with k = 1 comes
+    from the second round, which drafts from a continuation whenever the first round accepted its
+    draft and the target's next token was the continuation's first."""
+    coordinator = spec_pool.coordinator
+    prompt = tuple(tokenize(coordinator, PROMPTS[0]))
+    n = 600
+
+    def third(seed: int) -> int:
+        return target_alone(coordinator, list(prompt), 3, temperature=SAMPLING.temperature,
+                            top_k=SAMPLING.top_k, top_p=SAMPLING.top_p, min_p=SAMPLING.min_p,
+                            seed=seed)["tokens"][2]
+
+    with ThreadPoolExecutor(PROXY_SLOTS) as pool:
+        alone = Counter(pool.map(third, range(5000, 5000 + n)))
+
+    async def scenario() -> tuple[Counter, dict]:
+        engine = await started(proxy_config(coordinator, spec_pool.drafter, speculation={
+            "adaptive": False, "k_initial": 1, "overlap": True}))
+        try:
+            runs = await asyncio.gather(*(collect(engine, GenerationRequest(
+                prompt=prompt, max_tokens=4, sampling=SAMPLING)) for _ in range(n)))
+            assert all(run.failed is None for run in runs)
+            return Counter(run.tokens[2] for run in runs), engine.status()["stats"]
+        finally:
+            await engine.close()
+
+    proxy, stats = asyncio.run(scenario())
+    # At temperature 1 the target's token after an accepted draft is the continuation's first
+    # in ~10% of requests (59 of 600 measured): enough to see the path taken.
+    assert stats["continuations_used"] >= n // 20, stats
+    p_value = homogeneity_p(proxy, alone)
+    record_property("p_continued", p_value)
+    record_property("continuations_used", stats["continuations_used"])
+    print(f"\nthird token through continued drafts ({stats['continuations_used']} used, "
+          f"{stats['continuations_dropped']} dropped): chi-square p {p_value:.3g}")
+    assert p_value > 1e-3, f"continued drafts change the distribution (p = {p_value:.3g})"
+
+
 def test_chi2_sf_matches_known_quantiles() -> None:
     assert abs(chi2_sf(3.841, 1) - 0.05) < 1e-3
     assert abs(chi2_sf(18.307, 10) - 0.05) < 1e-3
@@ -481,6 +521,8 @@ def test_stalled_drafter_costs_speed_not_answers_and_drafting_resumes(spec_pool,
     stalled, during, again, after = asyncio.run(scenario())
     assert stalled.failed is None and stalled.tokens == ref["tokens"]
     assert stalled.finished.stats.fallbacks > 0 and stalled.finished.stats.drafted == 0
+    # with the drafter out, rounds take bursts of the target's tokens, not one token each
+    assert stalled.finished.stats.rounds <= 48 // 4, stalled.finished.stats
     assert during["drafter"]["available"] is False
     assert again.tokens == ref["tokens"]
     assert again.finished.stats.drafted > 0, "drafting did not resume"

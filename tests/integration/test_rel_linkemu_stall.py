@@ -1,12 +1,12 @@
-"""A stalled emulated link (:meth:`tightwad_dev.linkemu.Relay.stall`) delivers nothing in either
-direction until :meth:`~tightwad_dev.linkemu.Relay.unstall`, then everything it held, in order; the
+"""A stalled emulated link (:meth:`tightwad.pool.linkemu.Relay.stall`) delivers nothing in either
+direction until :meth:`~tightwad.pool.linkemu.Relay.unstall`, then everything it held, in order; the
 connection stays open throughout (a dropped Wi-Fi, not a reset)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from tightwad_dev.linkemu import Relay
+from tightwad.pool.linkemu import Relay
 
 
 def test_stall_holds_bytes_both_ways_and_unstall_delivers_them() -> None:

@@ -22,6 +22,7 @@ import pytest
 from support import tokenize
 from tightwad.engine.gather import Released
 from tightwad.engine.servers import Servers
+from tightwad.pool.linkemu import RelayThread
 from tightwad.pool.procs import LlamaServer, ProcessGroup
 from tightwad_dev.clients import StreamResult, stream
 from tightwad_dev.inproc import (
@@ -31,7 +32,6 @@ from tightwad_dev.inproc import (
     greedy_text_verdict,
     proxy_config,
 )
-from tightwad_dev.linkemu import RelayThread
 from tightwad_dev.models import ModelSet
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,", "def fibonacci(n):",

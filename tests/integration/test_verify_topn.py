@@ -29,9 +29,9 @@ import pytest
 
 from support import target_alone, tokenize
 from tightwad.engine.engine import Engine, Finished, GenerationRequest, TextDelta
+from tightwad.pool.linkemu import LinkStats, RelayThread
 from tightwad.pool.procs import LlamaServer, ProcessGroup
 from tightwad_dev.inproc import NEAR_TIE_TOL, proxy_config, top_two_gap
-from tightwad_dev.linkemu import LinkStats, RelayThread
 from tightwad_dev.models import ModelSet
 
 TOP_N = 16

@@ -87,7 +87,8 @@ def test_env_errors_name_the_variable() -> None:
 def test_unknown_keys_list_the_known_ones(tmp_path: Path) -> None:
     assert error_of(write(tmp_path, "listen: {prot: 1}\n"), {}) == (
         "config error: listen.prot: unknown key; expected one of: host, port, "
-        "shutdown_grace_s, cors_origins, sse_keepalive_s")
+        "shutdown_grace_s, cors_origins, sse_keepalive_s, write_timeout_s, max_connections, "
+        "keepalive_timeout_s")
     assert error_of(None, {"TIGHTWAD_LISTN__PORT": "1"}) == (
         "config error: listn (from TIGHTWAD_LISTN__PORT): unknown key; expected one of: "
         "listen, auth, target, drafter, speculation, limits")

@@ -39,9 +39,10 @@ def _position(context: Sequence[int], token: int) -> Position:
 
 class FakeServers(Servers):
     """The toy model as target; the drafter answers with ``draft_mode``: ``down`` (every
-    draft falls back), ``right`` (drafts what the target would say) or ``wrong``, and says it
-    took ``draft_seconds``; a verify takes ``verify_sleep`` seconds. ``drafts`` records each
-    draft's length."""
+    draft falls back), ``right`` (drafts what the target would say), ``wrong``, or
+    ``sometimes`` (wrong at every 4th position), and says it took ``draft_seconds``; a verify
+    takes ``verify_sleep`` seconds. ``drafts`` records each draft's length, ``foreign`` each
+    verified draft that is not what the drafter says after the verified context."""
 
     def __init__(self, config: Config, draft_mode: str, draft_seconds: float = 0.001,
                  verify_sleep: float = 0.0) -> None:
@@ -51,6 +52,8 @@ class FakeServers(Servers):
         self.verify_sleep = verify_sleep
         self.drafter_model = "toy-draft.gguf"
         self.drafts: list[int] = []
+        self.foreign = 0
+        self.bursts: list[int] = []  # n_predict of each verify
         self.leased: list[int] = []
         self.target_info_value = TargetInfo(
             Props(total_slots=1, n_ctx=64, model="toy.gguf", bos_token="", eos_token="",
@@ -89,15 +92,22 @@ class FakeServers(Servers):
     async def verify(self, context: Sequence[int], draft: Sequence[int], *, scored: int = 0,
                      sampling: SamplingParams = SamplingParams(temperature=0.0),
                      seed: int | None = None, n_probs: int = 1, id_slot: int = -1,
-                     ignore_eos: bool = False) -> Completion:
+                     ignore_eos: bool = False, n_predict: int = 1) -> Completion:
+        self.bursts.append(n_predict)
         if self.verify_sleep:
             await asyncio.sleep(self.verify_sleep)
+        if draft and list(draft) != self._drafted(context, len(draft)):
+            self.foreign += 1
         seq = [*context, *draft]
         first = len(seq) - scored - len(draft)
-        after = toy_next(seq)
+        generated = list(seq)
+        for _ in range(n_predict):
+            generated.append(toy_next(generated))
+        after = tuple(generated[len(seq):])
         return Completion(
-            tokens=(after,), content=chr(97 + after), stop_type="limit",
-            probs=(_position(seq, after),),
+            tokens=after, content="".join(chr(97 + t) for t in after), stop_type="limit",
+            probs=tuple(_position(generated[:i], generated[i]) for i in range(len(seq),
+                                                                              len(generated))),
             prompt_probs=tuple(_position(seq[:i], seq[i]) for i in range(first, len(seq))),
             has_prompt_probs=True)
 
@@ -105,13 +115,18 @@ class FakeServers(Servers):
         if self.draft_mode == "down":
             return NoDraft("down", retry=True)
         self.drafts.append(request.n_predict)
-        seq = list(request.prompt)
-        for _ in range(request.n_predict):
-            nxt = toy_next(seq)
-            seq.append(nxt if self.draft_mode == "right" else (nxt + 1) % VOCAB)
-        tokens = tuple(seq[len(request.prompt):])
+        tokens = tuple(self._drafted(request.prompt, request.n_predict))
         return Drafted(Completion(tokens=tokens, content="", stop_type="limit"),
                        self.draft_seconds)
+
+    def _drafted(self, prompt: Sequence[int], n: int) -> list[int]:
+        seq = list(prompt)
+        for _ in range(n):
+            nxt = toy_next(seq)
+            right = self.draft_mode == "right" or (
+                self.draft_mode == "sometimes" and len(seq) % 4 != 0)
+            seq.append(nxt if right else (nxt + 1) % VOCAB)
+        return seq[len(prompt):]
 
 
 def _config(**speculation: Any) -> Config:
@@ -142,15 +157,17 @@ def _metric(engine: Engine, line_start: str) -> float:
 def test_a_failing_drafter_gives_the_target_alone_output_and_counted_fallbacks() -> None:
     servers = FakeServers(_config(), "down")
     engine = Engine(_config(), servers=servers)
-    text, finished = _generate(engine, [0], 6)
-    assert text == "bcdefg"
-    assert (finished.reason, finished.completion_tokens) == ("length", 6)
+    text, finished = _generate(engine, [0], 20)
+    assert text == "bcdefghijklmnopqrstu"
+    assert (finished.reason, finished.completion_tokens) == ("length", 20)
     stats = finished.stats
-    # one token per round; the last round wants no draft (k = 0 with one token left to go)
-    assert stats.drafted == 0 and stats.rounds == 6 and stats.fallbacks == 5
+    # With the drafter down, a round asks the target for a burst of tokens, then tries the
+    # drafter again: bursts of 8, 8, then the 4 left.
+    assert servers.bursts == [8, 8, 4], servers.bursts
+    assert stats.drafted == 0 and stats.rounds == 3 and stats.fallbacks == 3
     status = engine.status()["stats"]
-    assert status["fallbacks"] == 5 and status["drafted"] == 0 and status["tokens"] == 6
-    assert _metric(engine, 'tightwad_drafter_fallbacks_total{reason="down"}') == 5
+    assert status["fallbacks"] == 3 and status["drafted"] == 0 and status["tokens"] == 20
+    assert _metric(engine, 'tightwad_drafter_fallbacks_total{reason="down"}') == 3
     assert servers.leased == [], "the target slot was not released"
 
 
@@ -162,13 +179,14 @@ def test_drafts_change_speed_only(mode: str) -> None:
     stats = finished.stats
     assert stats.fallbacks == 0 and stats.drafted > 0
     assert (stats.accepted == stats.drafted) if mode == "right" else stats.accepted == 0
-    assert stats.rounds < 10 if mode == "right" else stats.rounds == 10
+    # a wrong draft gains nothing: a token a round, or several once drafting pauses
+    assert stats.rounds < 10 if mode == "right" else stats.rounds <= 10
     assert engine.status()["stats"]["accepted"] == stats.accepted
     assert _metric(engine, "tightwad_accepted_tokens_total") == stats.accepted
 
 
 def test_a_second_request_starts_from_what_the_first_learned() -> None:
-    config = _config(k_initial=1)  # buckets 1, 2, 4
+    config = _config(k_initial=1, overlap=False)  # buckets 1, 2, 4; one draft call a round
     # Verifies cost round trips, drafts almost nothing, and every draft is right: k = 4 pays.
     servers = FakeServers(config, "right", verify_sleep=0.005)
     engine = Engine(config, servers=servers)
@@ -192,6 +210,33 @@ def test_a_second_request_starts_from_what_the_first_learned() -> None:
         servers.drafts)
 
 
+@pytest.mark.parametrize("mode", ["right", "sometimes", "wrong"])
+def test_overlapped_drafting_uses_a_continuation_only_where_the_verify_went_its_way(
+        mode: str) -> None:
+    results = {}
+    for overlap in (False, True):
+        config = _config(k_initial=2, adaptive=False, overlap=overlap)
+        servers = FakeServers(config, mode)
+        engine = Engine(config, servers=servers)
+        text, finished = _generate(engine, [0], 24)
+        status = engine.status()["stats"]
+        results[overlap] = (text, finished.stats.drafted, finished.stats.accepted)
+        # every verified draft is the drafter's own after the context the target verified
+        assert servers.foreign == 0
+        used, dropped = status["continuations_used"], status["continuations_dropped"]
+        if not overlap:
+            assert used == dropped == 0
+        elif mode == "right":  # every verify accepts all and the target's next token
+            assert used > 0 and dropped <= 1, status  # (the last one: no next round)
+        elif mode == "wrong":
+            assert used == 0 and dropped > 0, status
+        else:
+            assert used > 0 and dropped > 0, status
+        assert _metric(engine, 'tightwad_draft_continuations_total{used="true"}') == used
+    assert results[True] == results[False]  # same text, same drafts verified, same acceptance
+    assert results[True][0] == "bcdefghijklmnopqrstuvwxyz"[:24]
+
+
 def test_where_drafting_cannot_pay_rounds_go_without_a_draft_and_it_says_so() -> None:
     config = _config(probe_every=0)
     # A drafter that takes a second a draft and is always wrong: never worth it.
@@ -203,7 +248,9 @@ def test_where_drafting_cannot_pay_rounds_go_without_a_draft_and_it_says_so() ->
     text, second = _generate(engine, [0], 6)
     assert text == "bcdefg"  # the target's own output all the same
     assert len(servers.drafts) == drafts and second.stats.drafted == 0  # no draft asked
-    assert second.stats.rounds == 6 and second.stats.fallbacks == 0  # paused, not failing
+    assert second.stats.fallbacks == 0  # paused, not failing
+    # paused: the target's tokens in one call (a burst), not one call per token
+    assert second.stats.rounds == 1 and servers.bursts[-1] == 6, servers.bursts
     status = engine.status()["speculation"]
     assert status["drafting"] is False, status
     assert status["reason"].startswith("compute-bound at 1 stream: best k=1 predicts")
@@ -306,7 +353,7 @@ def test_status_keys_stay_those_clients_read() -> None:
     assert set(Telemetry().status()) == {
         "requests", "failed", "tokens", "rounds", "drafted", "accepted", "fallbacks",
         "acceptance", "recent_acceptance", "tokens_per_round", "mean_draft_ms",
-        "mean_verify_ms"}
+        "mean_verify_ms", "continuations_used", "continuations_dropped"}
 
 
 # -- llama-server's verify limit ------------------------------------------------------------

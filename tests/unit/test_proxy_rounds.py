@@ -6,6 +6,7 @@ answers are built as the server shapes them."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 
 import pytest
@@ -63,6 +64,20 @@ def test_unlisted_bonus_token_is_emitted_with_its_bytes_pending() -> None:
     out = decide_round(draft, [], verify_answer(draft, tops, after=12, after_listed=False), GREEDY,
                  Rng(0), 1)
     assert out.tokens == (5, 12) and out.token_bytes == (b"<5>", None)
+
+
+def test_a_target_only_burst_emits_the_servers_tokens_with_what_bytes_it_listed() -> None:
+    # No draft, n_predict 3: the server's own tokens; the ones it listed have bytes, the others
+    # (a step asked for no lists) wait for the next verify.
+    burst = Completion(tokens=(7, 8, 9), content="", stop_type="limit",
+                       probs=(pos(7, [(7, -0.1)]), pos(8, [(8, -0.2)])),
+                       prompt_probs=(), has_prompt_probs=True)
+    out = decide_round([], [], burst, GREEDY, Rng(0), 1)
+    assert out.tokens == (7, 8, 9) and out.token_bytes == (b"<7>", b"<8>", None)
+    assert (out.drafted, out.accepted, out.cut) == (0, 0, False)
+    with pytest.raises(VerifyMismatch):  # a drafted round must generate exactly one token
+        decide_round([7], [], dataclasses.replace(burst, prompt_probs=(pos(7, [(7, -0.1)]),)),
+                     GREEDY, Rng(0), 1)
 
 
 def test_verify_for_other_tokens_is_refused() -> None:

@@ -3,6 +3,11 @@
 Every number comes from the servers: completion tokens from each response's ``usage``, time to
 first token from the first streamed chunk that carries text, acceptance and tokens per round
 from the proxy's own statistics (``/tightwad/status``, the difference over the run).
+
+A result means little without what it ran on: when ``--url`` is the local pool's proxy, the
+bench also reports the pool's link (emulated, with its profile, or direct loopback) and its
+model pair (files, layers x width, and the draft's cost per token relative to the pooled
+target's, measured after the run); for any other proxy it says it does not know them.
 """
 
 from __future__ import annotations
@@ -12,15 +17,19 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tightwad import defaults
 from tightwad.cli.common import CliError, console, dump_json, err_console
-from tightwad.llamaserver import blocking
+from tightwad.llamaserver import blocking, wire
 from tightwad.llamaserver.wire import UpstreamError, UpstreamFailure
+from tightwad.pool import localpool
+from tightwad.pool.gguf_info import GGUFError, read_info
 
 PROMPTS = [
     "Explain in plain words why a pile of old graphics cards can serve one large model.",
@@ -69,7 +78,90 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the proxy's bearer token (default: $TIGHTWAD_TOKEN)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per request")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--state-dir", type=Path, help="the local pool's state, to report its link "
+                   "and models (default: ~/.cache/tightwad/local, or $TIGHTWAD_STATE_DIR)")
     p.set_defaults(func=run)
+
+
+UNKNOWN = "unknown (not a local pool)"
+COST_TOKENS = 32  # tokens per cost probe: enough for a stable ms/token, cheap next to the bench
+
+
+def local_pool_of(url: str, state_dir: Path | None) -> localpool.LocalState | None:
+    """The local pool's state when ``url`` is its proxy, else None."""
+    try:
+        state = localpool.load_state(localpool.state_dir(state_dir))
+    except localpool.LocalPoolError:
+        return None
+    proxy = state.one("proxy") if state is not None else None
+    if proxy is None:
+        return None
+    parts = urlsplit(url)
+    loopback = {"127.0.0.1", "localhost", "::1", proxy.host}
+    return state if parts.hostname in loopback and parts.port == proxy.port else None
+
+
+def model_facts(path: str | None) -> dict[str, Any] | None:
+    """A model file's name and shape (layers x width), read from its GGUF header."""
+    if path is None:
+        return None
+    facts: dict[str, Any] = {"file": Path(path).name, "layers": None, "width": None}
+    try:
+        info = read_info(path)
+        facts["layers"] = info.arch_value("block_count")
+        facts["width"] = info.arch_value("embedding_length")
+    except (GGUFError, OSError):
+        pass
+    return facts
+
+
+def _ms_per_token(url: str, prompt: str, timeout: float) -> float | None:
+    """Decode cost per token of one llama-server, from its own timings."""
+    try:
+        answer = wire.parse_completion(blocking.post_json(
+            f"{url}/completion", {"prompt": prompt, "n_predict": COST_TOKENS, "temperature": 0,
+                                  "seed": 1}, timeout=timeout))
+    except UpstreamFailure:
+        return None
+    t = answer.timings
+    return t.predicted_ms / t.predicted_n if t.predicted_n else None
+
+
+def pool_facts(state: localpool.LocalState | None, timeout: float) -> tuple[dict, dict]:
+    """(link, pair) of the local pool ``state``, or "unknown" for another proxy. The cost ratio
+    is measured here: the drafter's ms per token over the pooled target's (through its links)."""
+    if state is None:
+        return ({"profile": None, "emulated": None, "label": UNKNOWN},
+                {"target": None, "draft": None, "label": UNKNOWN, "cost_ratio": None})
+    link = {"profile": state.link, "emulated": state.link is not None,
+            "label": localpool.link_label(state.link)}
+    target, draft = model_facts(state.model), model_facts(state.draft)
+    pair: dict[str, Any] = {"target": target, "draft": draft, "cost_ratio": None,
+                            "draft_ms_per_token": None, "target_ms_per_token": None}
+    coordinator, drafter = state.one("coordinator"), state.one("drafter")
+    if coordinator is not None and drafter is not None and localpool.alive(drafter):
+        pair["target_ms_per_token"] = _ms_per_token(coordinator.url, PROMPTS[0], timeout)
+        pair["draft_ms_per_token"] = _ms_per_token(drafter.url, PROMPTS[0], timeout)
+        if pair["target_ms_per_token"] and pair["draft_ms_per_token"]:
+            pair["cost_ratio"] = round(pair["draft_ms_per_token"] / pair["target_ms_per_token"],
+                                       3)
+    pair["label"] = pair_label(pair)
+    return link, pair
+
+
+def pair_label(pair: dict[str, Any]) -> str:
+    def one(m: dict[str, Any] | None) -> str:
+        if m is None:
+            return "none"
+        shape = f"{m['layers']} layers x {m['width']}" if m["layers"] else "shape unknown"
+        return f"{m['file']} ({shape})"
+
+    text = f"target {one(pair['target'])}, draft {one(pair['draft'])}"
+    if pair["cost_ratio"] is not None:
+        text += (f"; draft/target cost per token {pair['cost_ratio']:.2f} "
+                 f"({pair['draft_ms_per_token']:.1f} ms vs {pair['target_ms_per_token']:.1f} ms "
+                 "pooled)")
+    return text
 
 
 def _stream(url: str, body: dict[str, Any], token: str | None, timeout: float) -> Run:
@@ -145,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     def delta(key: str) -> float:
         return float(after.get(key) or 0) - float(mid.get(key) or 0)
 
+    link, pair = pool_facts(local_pool_of(url, args.state_dir), args.timeout)
     drafted, accepted, rounds, spec_tokens = (delta("drafted"), delta("accepted"),
                                               delta("rounds"), delta("tokens"))
     p_sum, t_sum = proxy.summary(), target.summary()
@@ -162,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
             "tokens_per_round": round(spec_tokens / rounds, 4) if rounds else None,
         },
         "speedup": round(speedup, 4) if speedup else None,
+        "link": link, "pair": pair,
     }
     if args.json:
         dump_json(result)
@@ -175,6 +269,8 @@ def run(args: argparse.Namespace) -> int:
                       f"{s['tokens_per_second'] or 0:.1f}",
                       f"{s['ttft_ms_median']:.0f} ms" if s["ttft_ms_median"] else "-")
     console.print(table)
+    console.print(f"link:   {link['label']}")
+    console.print(f"models: {pair['label']}")
     spec = result["speculation"]
     acc = spec["acceptance"]
     tpr = spec["tokens_per_round"]

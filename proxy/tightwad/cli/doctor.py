@@ -5,6 +5,7 @@ state), run the checks, print a table (or JSON), exit 1 on any failure. The chec
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from rich.markup import escape
@@ -38,6 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: the cached build of the pin, if any)")
     p.add_argument("--ssh", action="store_true", help="inventory: also ask every host over "
                    "SSH (ansible) for its ggml-rpc-server --version and its systemd units")
+    p.add_argument("--measure", action="store_true", help="time a layer of the target on "
+                   "every idle worker and each link (loads a few layers onto it; busy workers "
+                   "are left alone) for the placement check")
+    p.add_argument("--measurements", type=Path, metavar="FILE", help="measurements to place "
+                   "with: python -m tightwad.pool.probe's JSON, or the coordinator's kept "
+                   "/etc/tightwad/tensor-split.json")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(func=run)
 
@@ -64,6 +71,8 @@ def view_from_inventory(path: Path, bin_dir: Path | None) -> checks.PoolView:
         view.coordinator_address = coord.pool_address
         view.ctx = coord.ctx_size("coordinator_ctx_size")
         view.slots = coord.port("coordinator_parallel", inv_mod.DEFAULT_SLOTS)
+        split = coord.vars.get("coordinator_tensor_split", "auto")
+        view.split = split if isinstance(split, list) else str(split)
         if "coordinator_ram_mb" in coord.vars:
             view.coordinator_ram = int(coord.vars["coordinator_ram_mb"]) * 1024 * 1024
     drafters = inventory.group("drafters")
@@ -138,7 +147,18 @@ def run(args: argparse.Namespace) -> int:
         view.bin_dir = args.bin_dir
     if (limit := checks.ram_limit_from_env()) is not None:
         view.coordinator_ram = limit
-    extra = _ssh_facts(path) if args.ssh and path is not None else None
+    if args.measurements is not None:
+        try:
+            view.measurements = checks.load_measurements(json.loads(args.measurements.read_text()))
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--measurements {args.measurements}: {exc}", 2) from None
+    ssh = _ssh_facts(path) if args.ssh and path is not None else None
+
+    def extra(facts: checks.Facts) -> None:
+        if ssh is not None:
+            ssh(facts)
+        if args.measure:
+            checks.measure_idle_workers(view, facts)
     if args.json:
         results = checks.run_checks(view, extra=extra)
     else:

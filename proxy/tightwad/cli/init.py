@@ -181,7 +181,12 @@ def propose(found: Sequence[discovery.HostFinding], *, local: bool, model: Path 
         coord_vars["coordinator_port"] = coord_srv[1].port
     known = [f for f in free_per_instance if f is not None]
     if free_per_instance and len(known) == len(free_per_instance):
-        coord_vars["coordinator_tensor_split"] = splits.propose_split(known)
+        # The split stays auto: the deploy times a layer of the model on each worker and its
+        # link (tightwad.pool.probe) and places by speed; from here only memory is known.
+        notes.append("tensor split: auto (the deploy measures each worker's speed and link and "
+                     "places the layers by them, `tightwad doctor --measure` shows the same); "
+                     "memory-proportional would be "
+                     f"{splits.format_split(splits.propose_split(known))}")
     else:
         notes.append("the tensor split is computed at deploy time (coordinator_tensor_split: "
                      "auto): some workers were busy or not deployed yet")

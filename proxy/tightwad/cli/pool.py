@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from rich.table import Table
 
 from tightwad import build as llama_build
 from tightwad import defaults
+from tightwad.cli import watch
 from tightwad.cli.common import (
     CliError,
     ansible_command,
@@ -45,8 +47,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="With an inventory: ansible-playbook site.yml. Locally: "
                        "RPC workers, a pooled coordinator, a drafter and the proxy on loopback.")
     _target_args(p)
-    p.add_argument("--model", type=Path, help="local: target GGUF (default: the demo's test "
-                   "model)")
+    p.add_argument("--model", type=Path, help="local: target GGUF (default: the demo "
+                   "pair's target)")
     p.add_argument("--draft", type=Path, help="local: draft GGUF (default: the demo's draft)")
     p.add_argument("--no-draft", action="store_true", help="local: no drafter (proxy in "
                    "pass-through mode)")
@@ -62,6 +64,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ctx", type=int, default=defaults.LOCAL_CTX_SIZE, help="local: context of "
                    "the coordinator and drafter, all slots together (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="local: threads per process")
+    p.add_argument("--link", choices=localpool.LINK_CHOICES, default=None,
+                   help="local: run each worker's link through an emulated network of this "
+                   "profile (a relay process per worker; e.g. wifi: 5 ms RTT, 200 Mbit/s), "
+                   "so pooling pays what it would between machines (default: direct loopback)")
     p.set_defaults(func=start)
 
     p = sub.add_parser("stop", help="bring the pool down",
@@ -73,6 +79,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="services, health, live tensor split, speculation stats")
     _target_args(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true", help="the live picture (the dashboard's) "
+                   "redrawn every second until Ctrl-C")
     p.set_defaults(func=status)
 
 
@@ -119,10 +127,10 @@ def start_local(args: argparse.Namespace) -> int:
             bin_dir = args.bin_dir or llama_build.ensure_build("cpu", cache=cache).bin_dir
             model, draft = args.model, None if args.no_draft else args.draft
             if model is None or (draft is None and not args.no_draft):
-                from tightwad.pool.demomodels import ensure_demo_pair
+                from tightwad.pool.demomodels import ensure_local_pair
 
-                models = ensure_demo_pair(cache / "models",
-                                       llama_build.fetch_source(cache) / "models")
+                models = ensure_local_pair(cache / "models",
+                                        llama_build.fetch_source(cache) / "models")
                 model = model or models.target
                 if not args.no_draft:
                     draft = draft or models.draft
@@ -134,16 +142,23 @@ def start_local(args: argparse.Namespace) -> int:
     for label, file in (("model", model), ("draft", draft)):
         if file is not None and not Path(file).is_file():
             raise CliError(f"--{label} {file}: no such file", 2)
+    from tightwad.server.dashboard import POOL_STATE_ENV  # here: --help needs no server
+
+    link = localpool.link_choice(args.link)
     spec = localpool.LaunchSpec(model=Path(model).resolve(),
                                 draft=Path(draft).resolve() if draft else None,
                                 worker_ports=worker_ports,
                                 coordinator_port=args.coordinator_port,
                                 drafter_port=args.drafter_port, proxy_port=args.port,
-                                slots=args.slots, ctx=args.ctx)
+                                slots=args.slots, ctx=args.ctx,
+                                # The dashboard draws the pool from this state file.
+                                proxy_env={POOL_STATE_ENV: str(localpool.state_path(directory))},
+                                link=link)
     log_dir = directory / "logs"
     group = ProcessGroup(bin_dir=Path(bin_dir), log_dir=log_dir, threads=args.threads)
     try:
-        with console.status(f"starting {len(worker_ports)} RPC workers, the coordinator"
+        with console.status(f"starting {len(worker_ports)} RPC workers"
+                            f"{', their emulated links' if link else ''}, the coordinator"
                             f"{', the drafter' if draft else ''} and the proxy ..."):
             launched = localpool.launch(group, spec)
     except (ProcessFailed, OSError) as exc:
@@ -153,18 +168,15 @@ def start_local(args: argparse.Namespace) -> int:
     except BaseException:
         group.close()
         raise
-    services = [localpool.service_from(w, "rpc") for w in launched.workers]
-    services.append(localpool.service_from(launched.coordinator, "coordinator"))
-    if launched.drafter is not None:
-        services.append(localpool.service_from(launched.drafter, "drafter"))
-    services.append(localpool.service_from(launched.proxy, "proxy"))
     state = localpool.LocalState(bin_dir=str(bin_dir), log_dir=str(log_dir), model=str(spec.model),
                                  draft=str(spec.draft) if spec.draft else None, ctx=spec.ctx,
-                                 slots=spec.slots, services=services)
+                                 slots=spec.slots, services=localpool.services_of(launched),
+                                 link=link)
     localpool.save_state(directory, state)
     console.print(f"[green]local pool up[/]: {len(launched.workers)} workers, coordinator "
                   f"{launched.coordinator.url}"
                   + (f", drafter {launched.drafter.url}" if launched.drafter else ""))
+    console.print(f"link: {localpool.link_label(link)}")
     console.print(f"OpenAI-compatible endpoint: [bold]{launched.proxy.url}/v1[/]   "
                   "(`tightwad status` to watch it, `tightwad stop` to end it)")
     return 0
@@ -201,8 +213,8 @@ def local_status(directory: Path) -> dict[str, Any]:
     services = []
     for svc in state.services:
         running = localpool.alive(svc)
-        if svc.kind == "rpc":
-            # No connection to a worker: it serves one client at a time.
+        if svc.kind in ("rpc", "link"):
+            # No connection to a worker (or its relay): it serves one client at a time.
             health = "listening" if running and svc.port in listening else "down"
         else:
             health = "healthy" if running and blocking.ok(f"{svc.url}/health") else "down"
@@ -226,7 +238,10 @@ def local_status(directory: Path) -> dict[str, Any]:
         except UpstreamFailure:
             stats = None
     return {"pool": "local", "state_dir": str(directory), "model": state.model,
-            "draft": state.draft, "services": services, "split": split, "speculation": stats,
+            "draft": state.draft, "link": {"profile": state.link,
+                                           "emulated": state.link is not None,
+                                           "label": localpool.link_label(state.link)},
+            "services": services, "split": split, "speculation": stats,
             "endpoint": f"{proxy.url}/v1" if proxy else None}
 
 
@@ -275,6 +290,8 @@ def inventory_status(path: Path) -> dict[str, Any]:
 
 def status(args: argparse.Namespace) -> int:
     path = resolve_inventory(args.inventory, args.local)
+    if args.watch:
+        return _watch(args, path)
     data = local_status(localpool.state_dir(args.state_dir)) if path is None \
         else inventory_status(path)
     if args.json:
@@ -288,6 +305,30 @@ def status(args: argparse.Namespace) -> int:
         bad = [u for u in data["units"] if u["state"] != "active"]
         bad += [h for h in data["health"].values() if not h["healthy"]]
     return 1 if bad else 0
+
+
+def _watch(args: argparse.Namespace, path: Path | None) -> int:
+    if path is None:
+        directory = localpool.state_dir(args.state_dir)
+        state = localpool.load_state(directory)
+        proxy = state.one("proxy") if state is not None else None
+        if proxy is None:
+            raise CliError("no local pool is running; start one with `tightwad start --local`")
+        from tightwad.cli import doctor  # the local pool's view, as `tightwad doctor` builds it
+        from tightwad.pool import checks
+
+        def run_doctor() -> list[dict[str, str]]:
+            return [c.as_dict() for c in checks.run_checks(doctor.view_from_local(directory))]
+
+        # A local proxy wants a token only when `start` ran with TIGHTWAD_AUTH__TOKEN set.
+        return watch.watch(proxy.url, os.environ.get("TIGHTWAD_AUTH__TOKEN"), "local pool",
+                           doctor=run_doctor)
+    inventory, _ = load_inventory(path)
+    hosts = inventory.group("proxy")
+    if not hosts:
+        raise CliError(f"{path}: no proxy host to watch")
+    url = f"http://{hosts[0].address}:{hosts[0].port('proxy_port', inv_mod.PROXY_PORT)}"
+    return watch.watch(url, inventory.proxy_token, str(path))
 
 
 def _print_status(data: dict[str, Any]) -> None:
@@ -309,6 +350,8 @@ def _print_status(data: dict[str, Any]) -> None:
             color = "green" if h["healthy"] else "red"
             table.add_row(role, h["url"], f"[{color}]{'healthy' if h['healthy'] else 'down'}[/]")
     console.print(table)
+    if isinstance(data.get("link"), dict):
+        console.print(f"link: {data['link']['label']}")
     split = data.get("split")
     if isinstance(split, list) and split and isinstance(split[0], dict):
         console.print("tensor split (weights per device, from the coordinator's load report): "

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                               "the proxy will serve target-only (pass --draft to swap it too)")
         except GGUFError:
             pass
-    workers = [f"{w.host}:{w.port}" for w in state.by_kind("rpc")]
+    workers = state.rpc_endpoints()  # the link relays when the pool emulates a link
     group = ProcessGroup(bin_dir=Path(state.bin_dir), log_dir=Path(state.log_dir))
     new_model = Path(args.model).resolve()
 

@@ -66,9 +66,10 @@ class Outcome:
     """Tokens to emit, in order."""
     token_bytes: tuple[bytes | None, ...]
     """Their bytes, as the target reports them (empty for unrendered special tokens). None for
-    the last token when the server did not report it: llama-server leaves out the entry of a
-    generated token after which the text ends inside a multibyte character. The engine learns
-    those bytes from the next verify, where the token is part of the prompt."""
+    a generated token the server did not report: llama-server leaves out the entry of a
+    generated token after which the text ends inside a multibyte character, and a step asked
+    for no lists has none. The engine learns those bytes from the next verify, where the token
+    is part of the prompt."""
     drafted: int
     accepted: int
     cut: bool = False
@@ -131,9 +132,15 @@ def decide_round(draft: Sequence[int], q: Sequence[SparseDist], verify: ServerAn
     """Accept/reject ``draft`` against the target's verify answer.
 
     ``verify`` is the answer to context + draft with ``prompt_logprobs = len(draft)`` and
-    ``n_predict = 1`` (for an empty draft: a plain one-token step).
+    ``n_predict = 1``; for an empty draft, a plain step of one token or more (a target-only
+    burst: the server's own tokens, which are the target's by construction).
     """
     k = len(draft)
+    if not k and len(verify.tokens) > 1:
+        known = _byte_map(verify)
+        return Outcome(tokens=tuple(verify.tokens),
+                       token_bytes=tuple(known.get(t) for t in verify.tokens),
+                       drafted=0, accepted=0)
     if len(verify.prompt_probs) != k:
         raise VerifyMismatch(f"verify returned {len(verify.prompt_probs)} prompt positions for "
                              f"a draft of {k}")

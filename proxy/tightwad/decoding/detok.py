@@ -69,12 +69,19 @@ class StopMatcher:
     ends right before it; later pushes release nothing. If several stop strings match, the one
     that starts first wins (the longest, if they start together). Empty stop strings are ignored:
     they would match before any output.
+
+    Matching is linear: each stop string keeps its Knuth-Morris-Pratt state (how much of it the
+    text seen so far ends with), so a push costs O(len(text)) per stop string, however long the
+    stop strings are; no suffix of the held text is ever compared again (with quadratic partial
+    matching, one long stop string cost milliseconds of event-loop time per token).
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
         if isinstance(stops, str):
             stops = [stops]
         self._stops = tuple(sorted({s for s in stops if s}, key=lambda s: (-len(s), s)))
+        self._fail = [_failure(stop) for stop in self._stops]
+        self._state = [0] * len(self._stops)
         self._held = ""
         self._stop: str | None = None
 
@@ -92,12 +99,21 @@ class StopMatcher:
         if self._stop is not None:
             return StopScan("", self._stop)
         buffer = self._held + text
-        match = self._earliest(buffer)
-        if match is not None:
-            index, stop = match
+        base = len(self._held)
+        best: tuple[int, str] | None = None
+        for i, stop in enumerate(self._stops):  # longest first: a tie on the start keeps it
+            state, end = _advance(stop, self._fail[i], self._state[i], text)
+            self._state[i] = state
+            if end >= 0:
+                start = base + end + 1 - len(stop)
+                if best is None or start < best[0]:
+                    best = (start, stop)
+        if best is not None:
+            index, stop = best
             self._held, self._stop = "", stop
             return StopScan(buffer[:index], stop)
-        keep = self._partial_suffix(buffer)
+        # Each state is the longest suffix of the text so far that starts its stop string.
+        keep = max(self._state, default=0)
         self._held = buffer[len(buffer) - keep:] if keep else ""
         return StopScan(buffer[: len(buffer) - keep])
 
@@ -106,25 +122,35 @@ class StopMatcher:
         if self._stop is not None:
             return ""
         text, self._held = self._held, ""
+        self._state = [0] * len(self._stops)
         return text
 
-    def _earliest(self, buffer: str) -> tuple[int, str] | None:
-        best: tuple[int, str] | None = None
-        for stop in self._stops:  # longest first, so a tie on the start keeps the longest
-            index = buffer.find(stop)
-            if index >= 0 and (best is None or index < best[0]):
-                best = (index, stop)
-        return best
 
-    def _partial_suffix(self, buffer: str) -> int:
-        """Length of the longest suffix of ``buffer`` that is a proper prefix of a stop string."""
-        longest = 0
-        for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(buffer)), longest, -1):
-                if buffer.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
+def _failure(stop: str) -> list[int]:
+    """KMP failure function: for each prefix of ``stop``, the length of its longest proper
+    prefix that is also its suffix."""
+    fail = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
+def _advance(stop: str, fail: list[int], state: int, text: str) -> tuple[int, int]:
+    """Feed ``text`` to ``stop``'s matcher in ``state``: (the new state, the index in ``text``
+    where the first whole match ends, or -1). Amortised O(1) per character."""
+    for pos, char in enumerate(text):
+        while state and stop[state] != char:
+            state = fail[state - 1]
+        if stop[state] == char:
+            state += 1
+            if state == len(stop):
+                return state, pos
+    return state, -1
 
 
 class TextStream:

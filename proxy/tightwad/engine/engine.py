@@ -21,6 +21,7 @@ with its leased slot (:meth:`Engine.forward_openai`), the reasons counted.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -28,6 +29,7 @@ from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tightwad import defaults
 from tightwad.config import Config
 from tightwad.decoding.acceptance import VerifyMismatch
 from tightwad.decoding.detok import StopMatcher
@@ -52,16 +54,48 @@ __all__ = ["Admission", "Engine", "Event", "Failed", "Finished", "Forwarded",
 log = logging.getLogger("tightwad.engine.engine")
 
 
+_PARTS = {"target": "the coordinator", "drafter": "the drafter"}
+
+
 def failure(exc: UpstreamFailure) -> Failed:
-    """How an upstream failure reaches the client."""
-    if isinstance(exc, (UpstreamDown, UpstreamTimeout)) or (
-            isinstance(exc, UpstreamError) and exc.status == 503):
-        return Failed(503, f"the model server is unavailable ({exc}); retry shortly",
+    """How an upstream failure reaches the client: which part failed and how, never its
+    address (that, and the whole detail, goes to the proxy's log)."""
+    part = _PARTS.get(exc.server, "a model server")
+    log.warning("%s failed: %s", part, exc)
+    if isinstance(exc, UpstreamDown):
+        return Failed(503, f"{part} is unavailable (no connection); retry shortly",
+                      "upstream_unavailable", retry_after=5.0)
+    if isinstance(exc, UpstreamTimeout):
+        return Failed(503, f"{part} did not answer in time; retry shortly",
+                      "upstream_unavailable", retry_after=5.0)
+    if isinstance(exc, UpstreamError) and exc.status == 503:
+        return Failed(503, f"{part} is not ready (loading, busy, or not answering sanely); "
+                           "retry shortly",
                       "upstream_unavailable", retry_after=5.0)
     if isinstance(exc, UpstreamError) and 400 <= exc.status < 500:
-        return Failed(400, f"the model server refused the request: {exc.message}",
+        return Failed(400, f"{part} refused the request: {exc.message}",
                       "upstream_rejected")
-    return Failed(502, f"the model server failed: {exc}", "upstream_error")
+    if isinstance(exc, UpstreamError) and exc.status == 200:  # an answer of the wrong shape
+        return Failed(502, f"{part} gave an answer that could not be understood; see the "
+                           "proxy's log", "bad_upstream_response")
+    status = f" (HTTP {exc.status})" if isinstance(exc, UpstreamError) else ""
+    return Failed(502, f"{part} failed{status}; see the proxy's log", "upstream_error")
+
+
+def _queue_full(waiting: int, limit: int) -> Failed:
+    return Failed(429, f"every coordinator slot is busy and {waiting} requests already wait "
+                       f"(limits.max_queued {limit}); retry shortly", "queue_full",
+                  retry_after=5.0)
+
+
+def _queue_timeout(seconds: float) -> Failed:
+    return Failed(503, f"no coordinator slot became free within {seconds:g} s "
+                       "(limits.queue_timeout_s); retry shortly", "queue_timeout",
+                  retry_after=5.0)
+
+
+# What reading an answer of the wrong shape raises (null where a number belongs, ...).
+_SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
 
 
 _INPUTS = {"image_url": ("vision", "images"), "input_audio": ("audio", "audio")}
@@ -117,6 +151,8 @@ class Engine:
         self.servers = servers or Servers(config)
         self.telemetry = Telemetry(lambda: self.servers.speculation_active)
         self.learning = Learning(config.speculation, self.telemetry)
+        self._health: tuple[float, bool] | None = None
+        self._health_look: asyncio.Future[bool] | None = None
 
     async def start(self) -> None:
         await self.servers.start()
@@ -127,8 +163,42 @@ class Engine:
     # -- for the API ----------------------------------------------------------------------
 
     async def healthy(self) -> bool:
-        """The target answers its health check."""
-        return await self.servers.target_healthy()
+        """The target answers its health check: looked at most once per
+        ``defaults.HEALTH_CACHE_S``, and concurrent callers share one look (polling /health
+        must not cost the coordinator a call per poll)."""
+        if self._health is not None and \
+                time.monotonic() - self._health[0] < defaults.HEALTH_CACHE_S:
+            return self._health[1]
+        if self._health_look is None or self._health_look.done():
+            self._health_look = asyncio.ensure_future(self._look_at_health())
+        return await asyncio.shield(self._health_look)
+
+    async def _look_at_health(self) -> bool:
+        healthy = await self.servers.target_healthy()
+        self._health = (time.monotonic(), healthy)
+        return healthy
+
+    def queue_refusal(self) -> Failed | None:
+        """429 when a request arriving now would wait for a coordinator slot behind
+        ``limits.max_queued`` others (asked before its body is even read, and again when it
+        would queue)."""
+        pool = self.servers.target_slots
+        limit = self.config.limits.max_queued
+        if pool is not None and pool.busy and pool.waiting >= limit:
+            return _queue_full(pool.waiting, limit)
+        return None
+
+    async def _lease(self, prompt: Sequence[int]) -> int | Failed:
+        """A coordinator slot, or why not: the queue is full, or none came free within
+        ``limits.queue_timeout_s``."""
+        if refused := self.queue_refusal():
+            return refused
+        limit_s = self.config.limits.queue_timeout_s
+        with self.telemetry.waiting_for_slot(len(prompt)):
+            try:
+                return await asyncio.wait_for(self.servers.lease_target_slot(prompt), limit_s)
+            except asyncio.TimeoutError:
+                return _queue_timeout(limit_s)
 
     @property
     def speculation_active(self) -> bool:
@@ -206,12 +276,12 @@ class Engine:
         slot: int | None = None
         try:
             info = await self.servers.target_info()
-            if refused := _refusal(request, info):
+            leased = _refusal(request, info) or await self._lease(request.prompt)
+            if isinstance(leased, Failed):
                 telemetry.request_failed()
-                yield refused
+                yield leased
                 return
-            with telemetry.waiting_for_slot(len(request.prompt)):
-                slot = await self.servers.lease_target_slot(request.prompt)
+            slot = leased
             telemetry.slot_taken(stats, time.monotonic() - started)
             if self.servers.speculation_possible(info):
                 stats.speculative = self.servers.speculation_active
@@ -280,8 +350,12 @@ class Engine:
         slot: int | None = None
         try:
             await self.servers.target_info()
-            with telemetry.waiting_for_slot(len(prompt)):
-                slot = await self.servers.lease_target_slot(prompt)
+            leased = await self._lease(prompt)
+            if isinstance(leased, Failed):
+                telemetry.request_failed()
+                yield leased
+                return
+            slot = leased
             telemetry.slot_taken(stats, time.monotonic() - started)
             sent = {**body, "id_slot": slot}
             finish: str | None = None
@@ -304,6 +378,9 @@ class Engine:
         except UpstreamFailure as exc:
             telemetry.request_failed()
             yield failure(exc)
+        except _SHAPE_ERRORS as exc:  # finish_reason or usage of the wrong shape
+            telemetry.request_failed()
+            yield failure(UpstreamError("target", 200, f"{path}: {exc!r}"))
         finally:
             if slot is not None:
                 self.servers.release_target_slot(slot, prompt)

@@ -104,6 +104,13 @@ class PairLearning:
             return 0  # measure target-only at this load
         return now.k
 
+    def peek_k(self, sampling: SamplingParams) -> int:
+        """The k the next round most likely plans, without planning (no probe counted): how
+        far a continuation drafts ahead."""
+        if not self.config.adaptive or self.fixed(sampling):
+            return self.k_fixed
+        return self.k if self.plan.drafting else 0
+
     def observe_round(self, greedy: bool, streams: int, drafted: int, accepted: int,
                       draft_seconds: float | None, verify_seconds: float,
                       timed: bool) -> None:

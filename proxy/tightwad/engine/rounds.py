@@ -4,18 +4,28 @@ Per round (:class:`SpeculativeRun`): plan k, draft k tokens on the drafter, veri
 target pass (``prompt_logprobs``, docs/verify-api.md), decide with
 :func:`tightwad.decoding.acceptance.decide_round`, emit. k comes from what the requests of this
 drafter/target pair learned, at the current load (:class:`tightwad.engine.learning.PairLearning`),
-and every round teaches it. A round without a draft (the drafter down,
-slow, busy or erroring, see :meth:`tightwad.engine.servers.Servers.draft`) runs target-only: one
-token from the target. No HTTP here.
+and every round teaches it. A round without a draft (drafting paused, or the drafter down,
+slow, busy or erroring, see :meth:`tightwad.engine.servers.Servers.draft`) runs target-only: the
+target's own next token, or a burst of them where the next round would not draft either
+(:meth:`SpeculativeRun._burst`). No HTTP here.
+
+Overlapped drafting: while the target verifies a draft, the drafter continues it (the context
+plus the whole draft, one token more than the next k). If the verify accepts every drafted token
+and its own next token is the continuation's first, the rest is the next round's draft and that
+round does not wait for the drafter. Otherwise the continuation is dropped. The draft is the
+drafter's either way, so the output is what it is without overlap.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
+from tightwad import defaults
 from tightwad.config import SpeculationConfig
 from tightwad.decoding.acceptance import Outcome, decide_round, usable_draft
 from tightwad.decoding.sampling import Rng, SamplingParams, SparseDist
@@ -37,6 +47,16 @@ class Draft:
     """The drafter's distribution at each token (sampling only)."""
     seconds: float | None = None
     """How long the drafter took; None when it was not asked."""
+
+
+@dataclass
+class Continuation:
+    """The drafter's continuation of a draft, asked for while the target verifies it."""
+
+    context_len: int
+    """The context's length the continuation's first token extends (context + draft)."""
+    draft: list[int]
+    task: asyncio.Task[Draft]
 
 
 def probs_wanted(params: SamplingParams, banned: frozenset[int], n_probs: int) -> int:
@@ -76,9 +96,13 @@ class SpeculativeRun:
         self.may_draft = True  # False once this request's drafting is hopeless (a mismatch)
         self.target_only_next = False  # the last round cut its verify short
         self.appended = 0  # tokens added to the context by the last round
+        self.overlap = config.overlap
+        self.paused = False  # drafting paused at this load (this round's plan)
+        self.drafter_out = False  # the last draft failed: the drafter is down or erring
 
     async def events(self) -> AsyncGenerator[Event, None]:
         """:class:`TextDelta` per round that produced text, then :class:`Finished`."""
+        ahead: Continuation | None = None
         try:
             reason: str | None = None
             while reason is None:
@@ -86,8 +110,14 @@ class SpeculativeRun:
                     reason = "length"
                     break
                 pending = len(self.transcript.pending)
-                draft = await self._draft(self._plan_k(pending))
-                verify, verify_s = await self._verify(draft, pending)
+                k = self._plan_k(pending)
+                draft = await self._continued(ahead, k)
+                ahead = None
+                if draft is None:
+                    draft = await self._draft(k)
+                verifying = asyncio.ensure_future(self._verify(draft, pending))
+                ahead = self._continue(draft)
+                verify, verify_s = await verifying
                 if pending:  # the bytes of last round's final token, scored as a prompt token
                     text, stopped = self.transcript.resolve(verify.prompt_probs[:pending])
                     verify = dataclasses.replace(verify,
@@ -101,9 +131,16 @@ class SpeculativeRun:
                 delta, reason = self._emit(draft, outcome, verify_s)
                 if delta is not None:
                     yield delta
+            if ahead is not None:
+                await self._drop(ahead)
+                ahead = None
             async for event in self._finish(reason):
                 yield event
         finally:
+            if ahead is not None:
+                ahead.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead.task
             if self.drafter_slot is not None:
                 self.servers.release_drafter_slot(self.drafter_slot, self.request.prompt)
 
@@ -121,6 +158,7 @@ class SpeculativeRun:
         self.streams = max(1, self.telemetry.in_flight)
         k = self.learned.round_k(self.params, self.streams)
         self.stats.last_k = k
+        self.paused = k == 0 and not self.learned.plan.drafting
         return min(k, self.request.max_tokens - self.transcript.count - 1,
                    self._room() - 1, self.info.verify_limit - pending)
 
@@ -131,20 +169,86 @@ class SpeculativeRun:
         self.target_only_next = False
         if self.drafter_slot is None:
             self.drafter_slot = self.servers.try_lease_drafter_slot(self.request.prompt)
+        draft = await self._ask_drafter(self.context, k)
+        return Draft(draft.tokens[:k], draft.q[:k], draft.seconds)
+
+    async def _ask_drafter(self, prompt: list[int], n: int, *, ahead: bool = False) -> Draft:
+        """Up to ``n`` drafted tokens after ``prompt`` (none when the drafter gives none).
+        ``ahead``: a continuation, whose failure makes no round run target-only."""
         params = self.params
         seed = None if params.greedy else int(self.rng.uniform() * 2 ** 32)
         got = await self.servers.draft(CompletionRequest(
-            prompt=self.context, n_predict=k, sampling=params, seed=seed,
+            prompt=prompt, n_predict=n, sampling=params, seed=seed,
             n_probs=0 if params.greedy else self.n_probs,
             id_slot=-1 if self.drafter_slot is None else self.drafter_slot,
             ignore_eos=bool(self.banned)))
         if isinstance(got, NoDraft):
             self.may_draft = got.retry
-            if got.fallback is not None:
-                self.telemetry.on_fallback(self.stats, got.fallback)
+            if not ahead:
+                self.drafter_out = got.fallback in ("down", "timeout", "error")
+                if got.fallback is not None:
+                    self.telemetry.on_fallback(self.stats, got.fallback)
             return Draft()
+        if not ahead:
+            self.drafter_out = False
         tokens, q = usable_draft(got.completion, params, self.n_probs, self.banned)
-        return Draft(tokens[:k], q[:k], got.seconds)
+        return Draft(tokens, q, got.seconds)
+
+    def _continue(self, draft: Draft) -> Continuation | None:
+        """Start the drafter on the continuation of ``draft`` while the target verifies it, when
+        the next round may use it: the request has its own drafter slot (its cache holds this
+        conversation, and no other request waits behind it), there is room for another round,
+        and it is not a seeded sampling request (a continuation's seed comes from the request's
+        random stream, which its seed fixes as it is without overlap)."""
+        if (not self.overlap or not draft.tokens or self.drafter_slot is None
+                or not self.may_draft or self.learned.fixed(self.params)):
+            return None
+        after = len(draft.tokens) + 1  # tokens this round adds when the continuation is used
+        k = min(self.learned.peek_k(self.params),
+                self.request.max_tokens - self.transcript.count - after - 1,
+                self.info.props.n_ctx - len(self.context) - after - 1)
+        if k <= 0:
+            return None
+        prompt = self.context + draft.tokens
+        return Continuation(len(prompt), list(draft.tokens),
+                            asyncio.ensure_future(self._ask_drafter(prompt, k + 1, ahead=True)))
+
+    async def _continued(self, ahead: Continuation | None, k: int) -> Draft | None:
+        """This round's draft from the last round's continuation, when the verify went the way
+        it guessed (every drafted token accepted, then the continuation's first token); None:
+        draft now."""
+        if ahead is None:
+            return None
+        drafted = await ahead.task
+        n = ahead.context_len
+        usable = (k > 0 and self.may_draft and not self.target_only_next
+                  and len(drafted.tokens) > 1 and len(self.context) == n + 1
+                  and self.context[n] == drafted.tokens[0]
+                  and self.context[n - len(ahead.draft):n] == ahead.draft)
+        self.telemetry.on_continuation(usable)
+        if not usable:
+            return None
+        # Its seconds are the drafter's cost, which k is planned from, though the round did
+        # not wait for all of them.
+        return Draft(drafted.tokens[1:k + 1], drafted.q[1:k + 1], drafted.seconds)
+
+    async def _drop(self, ahead: Continuation) -> None:
+        """Wait for a continuation the request no longer needs (its drafter slot is released
+        only once the drafter is done with it)."""
+        with contextlib.suppress(Exception):
+            await ahead.task
+        self.telemetry.on_continuation(False)
+
+    def _burst(self) -> int:
+        """Tokens a round without a draft asks for. Several in one call where the next round
+        would not draft either: drafting paused at this load, hopeless for this request, or the
+        drafter down (it is retried after the burst). One where a draft may come next round: a
+        busy drafter, a cut verify, a round that measures target-only speed."""
+        if not (self.paused or not self.may_draft or self.drafter_out):
+            return 1
+        return max(1, min(defaults.TARGET_ONLY_BURST,
+                          self.request.max_tokens - self.transcript.count,
+                          self._room(), self.info.verify_limit))
 
     async def _verify(self, draft: Draft, pending: int) -> tuple[Completion, float]:
         """One target pass over the draft (and the ``pending`` tokens whose bytes are still
@@ -159,7 +263,8 @@ class SpeculativeRun:
         t0 = time.monotonic()
         verify = await self.servers.verify(
             self.context, draft.tokens, scored=pending, sampling=params, seed=seed,
-            n_probs=n_probs, id_slot=self.slot, ignore_eos=self.request.ignore_eos)
+            n_probs=n_probs, id_slot=self.slot, ignore_eos=self.request.ignore_eos,
+            n_predict=1 if draft.tokens else self._burst())
         return verify, time.monotonic() - t0
 
     def _decide(self, draft: Draft, verify: Completion, verify_s: float,
@@ -171,8 +276,10 @@ class SpeculativeRun:
         drafted = len(draft.tokens)
         timed = round_timed(self.stats.rounds, verify.timings.prompt_n, drafted,
                             self.appended, pending)
+        # A burst's time per token is what target-only decoding costs (what drafting must beat)
+        per_step = verify_s / max(1, len(verify.tokens)) if not drafted else verify_s
         self.learned.observe_round(self.params.greedy, self.streams, drafted, outcome.accepted,
-                                   draft.seconds, verify_s, timed)
+                                   draft.seconds, per_step, timed)
         return outcome
 
     def _emit(self, draft: Draft, outcome: Outcome,

@@ -197,13 +197,14 @@ class Servers:
     async def verify(self, context: Sequence[int], draft: Sequence[int], *, scored: int = 0,
                      sampling: SamplingParams = SamplingParams(temperature=0.0),
                      seed: int | None = None, n_probs: int = 1, id_slot: int = -1,
-                     ignore_eos: bool = False) -> Completion:
+                     ignore_eos: bool = False, n_predict: int = 1) -> Completion:
         """The target scores ``draft`` after ``context`` in one pass
         (:meth:`tightwad.llamaserver.client.LlamaClient.verify`), sent together with the other
-        requests' ready verifies (:attr:`gather`)."""
+        requests' ready verifies (:attr:`gather`). ``n_predict`` > 1 only without a draft: a
+        target-only burst."""
         client = self._client()
         request = CompletionRequest(  # as LlamaClient.verify builds it
-            prompt=[*context, *draft], n_predict=1, sampling=sampling, seed=seed,
+            prompt=[*context, *draft], n_predict=n_predict, sampling=sampling, seed=seed,
             n_probs=n_probs, prompt_logprobs=scored + len(draft), id_slot=id_slot,
             ignore_eos=ignore_eos)
         return await self._call_target(self.gather.send(id_slot, request, client.complete,

@@ -34,6 +34,9 @@ from tightwad.decoding.speculation import Plan
 # Round latencies on a loopback pool are milliseconds, on a slow LAN pool up to seconds.
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _RECENT_ROUNDS = 200  # rounds behind "recent_acceptance"
+SERIES_S = 300.0  # seconds of rounds kept for the dashboard's charts and rolling rates
+_RECENT_REQUESTS = 20  # finished requests the dashboard lists
+_SAMPLES_MAX = 100_000  # a bound on memory at thousands of rounds a second
 
 
 @dataclass
@@ -83,6 +86,21 @@ class Round:
     verify_seconds: float
 
 
+@dataclass(frozen=True)
+class _Sample:
+    """A round, or a pass-through stream's tokens, when it ended: the rolling rates' input."""
+
+    at: float
+    tokens: int
+    drafted: int = 0
+    accepted: int = 0
+    seconds: float = 0.0
+    """Draft plus verify time; 0 for tokens counted outside rounds."""
+    drafting: bool = False
+    """The round asked the drafter for a draft (False: target-only)."""
+    in_round: bool = False
+
+
 @dataclass
 class _Totals:
     """Everything since the proxy started: the one copy both views read."""
@@ -98,6 +116,8 @@ class _Totals:
     draft_seconds: float = 0.0
     draft_calls: int = 0
     verify_seconds: float = 0.0
+    continuations: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
+    """Overlapped drafting: continuations used as the next draft (True) or dropped."""
     recent: deque = field(default_factory=lambda: deque(maxlen=_RECENT_ROUNDS))
     """(drafted, accepted) of the last rounds that drafted."""
 
@@ -116,6 +136,13 @@ class Telemetry(Collector):
         self.in_flight = 0
         """Generations holding a slot: the load the k controller plans for."""
         self._plan: Plan | None = None
+        # The dashboard's views (docs/proxy.md, "The dashboard"): the last minutes of rounds,
+        # acceptance per draft position, the last fallback, the last requests.
+        self._samples: deque[_Sample] = deque(maxlen=_SAMPLES_MAX)
+        self._positions: list[list[int]] = []  # [reached, accepted] per draft position
+        self._k_counts: dict[int, int] = {}
+        self._last_fallback: tuple[str, float] | None = None
+        self._finished: deque[dict[str, Any]] = deque(maxlen=_RECENT_REQUESTS)
         # Series that only Prometheus shows; the shared totals are exported by collect().
         self._registry = r = CollectorRegistry(auto_describe=True)
         self._http = Counter("tightwad_requests", "HTTP requests answered",
@@ -144,6 +171,14 @@ class Telemetry(Collector):
 
     def request_finished(self, stats: RequestStats, elapsed_s: float) -> None:
         stats.elapsed_seconds = elapsed_s
+        generating = elapsed_s - stats.queued_seconds
+        self._finished.append({
+            "at": time.time(), "mode": stats.mode, "speculative": stats.speculative,
+            "tokens": stats.tokens, "latency_s": round(elapsed_s, 4),
+            "queued_s": round(stats.queued_seconds, 4),
+            "tok_s": round(stats.tokens / generating, 2) if generating > 0 else None,
+            "acceptance": stats.acceptance, "fallbacks": stats.fallbacks,
+            "tokens_per_round": stats.tokens_per_round})
 
     @contextlib.contextmanager
     def waiting_for_slot(self, prompt_tokens: int) -> Iterator[None]:
@@ -183,7 +218,16 @@ class Telemetry(Collector):
             totals.draft_seconds += done.draft_seconds
             totals.draft_calls += 1
             self._draft_latency.observe(done.draft_seconds)
+        self._sample(_Sample(time.time(), done.tokens, done.drafted, done.accepted,
+                             done.verify_seconds + (done.draft_seconds or 0.0),
+                             drafting=done.draft_seconds is not None, in_round=True))
         if done.drafted:
+            self._k_counts[done.drafted] = self._k_counts.get(done.drafted, 0) + 1
+            while len(self._positions) < done.drafted:
+                self._positions.append([0, 0])
+            for i in range(done.drafted):
+                self._positions[i][0] += 1
+                self._positions[i][1] += i < done.accepted
             stats.drafted += done.drafted
             stats.accepted += done.accepted
             totals.drafted += done.drafted
@@ -196,6 +240,11 @@ class Telemetry(Collector):
         fallbacks = self._totals.fallbacks
         fallbacks[reason] = fallbacks.get(reason, 0) + 1
         self._fallback_since.setdefault(reason, time.time())
+        self._last_fallback = (reason, time.time())
+
+    def on_continuation(self, used: bool) -> None:
+        """A continuation drafted during a verify was used as the next draft, or dropped."""
+        self._totals.continuations[used] += 1
 
     def on_pass_through(self, reasons: Iterable[str]) -> None:
         """A request the coordinator answers itself, unspeculated, for these request fields."""
@@ -207,6 +256,12 @@ class Telemetry(Collector):
         """Tokens generated outside rounds (a pass-through stream)."""
         stats.tokens += count
         self._totals.tokens += count
+        self._sample(_Sample(time.time(), count))
+
+    def _sample(self, sample: _Sample) -> None:
+        self._samples.append(sample)
+        while self._samples and self._samples[0].at < sample.at - SERIES_S:
+            self._samples.popleft()
 
     def on_http_answer(self, endpoint: str, status: int) -> None:
         self._http.labels(endpoint=endpoint, status=str(status)).inc()
@@ -228,6 +283,55 @@ class Telemetry(Collector):
             "mean_draft_ms": (1000 * t.draft_seconds / t.draft_calls
                               if t.draft_calls else None),
             "mean_verify_ms": 1000 * t.verify_seconds / t.rounds if t.rounds else None,
+            "continuations_used": t.continuations[True],
+            "continuations_dropped": t.continuations[False],
+        }
+
+    def dashboard(self, now: float | None = None, window_s: float = 60.0,
+                  step_s: float = 5.0) -> dict[str, Any]:
+        """The dashboard's rolling view: rates over the last ``window_s`` (tokens per second
+        of one stream with a draft and target-only, from the rounds' own times), acceptance
+        per draft position and the k drafted since start, the last fallback, the last
+        requests, and a series over the last :data:`SERIES_S` in ``step_s`` buckets."""
+        now = time.time() if now is None else now
+        recent = [s for s in self._samples if s.at >= now - window_s]
+        spec = [s for s in recent if s.in_round and s.drafting]
+        alone = [s for s in recent if s.in_round and not s.drafting]
+
+        def rate(samples: list[_Sample]) -> float | None:
+            seconds = sum(s.seconds for s in samples)
+            return sum(s.tokens for s in samples) / seconds if seconds > 0 else None
+
+        drafted = sum(s.drafted for s in recent)
+        buckets = int(SERIES_S // step_s)
+        tokens = [0] * buckets
+        series_d, series_a = [0] * buckets, [0] * buckets
+        # Buckets on multiples of step_s, so a chart does not shift between two polls.
+        start = (now // step_s + 1) * step_s - buckets * step_s
+        for s in self._samples:
+            i = int((s.at - start) // step_s)
+            if 0 <= i < buckets:
+                tokens[i] += s.tokens
+                series_d[i] += s.drafted
+                series_a[i] += s.accepted
+        last = self._last_fallback
+        return {
+            "window_s": window_s,
+            "speculative_tok_s": rate(spec), "target_only_tok_s": rate(alone),
+            "rounds": sum(1 for s in recent if s.in_round),
+            "tokens_per_round": (sum(s.tokens for s in spec) / len(spec) if spec else None),
+            "acceptance": sum(s.accepted for s in recent) / drafted if drafted else None,
+            "tok_s": sum(s.tokens for s in recent) / window_s,
+            "positions": [{"position": i + 1, "drafted": n, "accepted": a,
+                           "acceptance": a / n if n else None}
+                          for i, (n, a) in enumerate(self._positions)],
+            "k_drafted": {str(k): n for k, n in sorted(self._k_counts.items())},
+            "fallbacks": dict(self._totals.fallbacks),
+            "last_fallback": None if last is None else {"reason": last[0], "at": last[1]},
+            "requests": list(reversed(self._finished)),
+            "series": [{"t": round(start + (i + 1) * step_s, 3), "tok_s": tokens[i] / step_s,
+                        "acceptance": series_a[i] / series_d[i] if series_d[i] else None}
+                       for i in range(buckets)],
         }
 
     def passed_through(self) -> dict[str, int]:
@@ -256,6 +360,13 @@ class Telemetry(Collector):
                                 "start (llama.cpp's 'draft acceptance')",
                                 value=t.accepted / t.drafted if t.drafted else 0.0)
         yield counter("tightwad_rounds", "Verify rounds (draft + one target pass)", t.rounds)
+        continuations = CounterMetricFamily("tightwad_draft_continuations", "Drafts continued "
+                                            "while the target verified (overlapped drafting), "
+                                            "by whether the next round used them",
+                                            labels=["used"])
+        for used, count in t.continuations.items():
+            continuations.add_metric([str(used).lower()], count, created=since)
+        yield continuations
         fallbacks = CounterMetricFamily("tightwad_drafter_fallbacks", "Rounds run target-only "
                                         "because the drafter failed or was unavailable",
                                         labels=["reason"])

@@ -8,9 +8,10 @@ process is gone), :class:`UpstreamTimeout` (no answer within the deadline) and
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -31,6 +32,12 @@ from tightwad.llamaserver.wire import (
     parse_props,
     parse_stream_chunk,
 )
+
+T = TypeVar("T")
+
+# What parsing a well-formed JSON value of the wrong shape raises (a list where an object
+# belongs, null where a number does, "many" for a count).
+_SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
 
 
 class LlamaClient:
@@ -93,6 +100,16 @@ class LlamaClient:
             raise UpstreamError(self.name, 200, f"{path} answered without '{key}'")
         return data[key]
 
+    def _understood(self, path: str, parse: Callable[[], T]) -> T:
+        """``parse()`` of an answer to ``path``; an answer of the wrong shape is an
+        :class:`UpstreamError` (502 for the client, 503 until the server is sane at start-up),
+        never an exception the proxy does not expect."""
+        try:
+            return parse()
+        except _SHAPE_ERRORS as exc:
+            raise UpstreamError(self.name, 200, f"{path} answer not understood: "
+                                                f"{exc.__class__.__name__}: {exc}"[:300]) from None
+
     # -- server facts ---------------------------------------------------------------------
 
     async def health(self, timeout_s: float = 2.0) -> bool:
@@ -104,9 +121,20 @@ class LlamaClient:
             return False
 
     async def props(self, timeout_s: float | None = None) -> Props:
+        """``/props`` and ``/v1/models``; an answer that cannot be read, or without a usable
+        slot count and context size, is an :class:`UpstreamError` with status 503: the server
+        is not ready (requests get 503 with Retry-After until it answers sanely)."""
         props = await self._call("GET", "/props", timeout_s=timeout_s)
         models = await self._call("GET", "/v1/models", timeout_s=timeout_s)
-        return parse_props(props, models)
+        try:
+            parsed = self._understood("/props", lambda: parse_props(props, models))
+        except UpstreamError as exc:
+            raise UpstreamError(self.name, 503, exc.message) from None
+        if parsed.total_slots < 1 or parsed.n_ctx < 1:
+            raise UpstreamError(self.name, 503, f"/props answer not understood: "
+                                                f"{parsed.total_slots} slots of {parsed.n_ctx} "
+                                                "tokens")
+        return parsed
 
     # -- text <-> tokens ------------------------------------------------------------------
 
@@ -115,16 +143,18 @@ class LlamaClient:
         """Token ids of ``text`` as the server tokenizes a prompt (BOS added, specials parsed)."""
         data = await self._call("POST", "/tokenize", {
             "content": text, "add_special": add_special, "parse_special": parse_special})
-        return [int(t["id"]) if isinstance(t, dict) else int(t)
-                for t in self._field(data, "tokens", "/tokenize")]
+        tokens = self._field(data, "tokens", "/tokenize")
+        return self._understood("/tokenize", lambda: [
+            int(t["id"]) if isinstance(t, dict) else int(t) for t in tokens])
 
     async def tokenize_pieces(self, text: str) -> list[tuple[int, str]]:
         """``(id, piece)`` pairs without BOS, special tokens parsed (for probing a vocabulary)."""
         data = await self._call("POST", "/tokenize", {
             "content": text, "add_special": False, "parse_special": True, "with_pieces": True})
-        return [(int(t["id"]), t["piece"] if isinstance(t["piece"], str)
-                 else bytes(t["piece"]).decode("utf-8", "replace"))
-                for t in self._field(data, "tokens", "/tokenize")]
+        tokens = self._field(data, "tokens", "/tokenize")
+        return self._understood("/tokenize", lambda: [
+            (int(t["id"]), t["piece"] if isinstance(t["piece"], str)
+             else bytes(t["piece"]).decode("utf-8", "replace")) for t in tokens])
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         data = await self._call("POST", "/detokenize", {"tokens": list(tokens)})
@@ -144,11 +174,7 @@ class LlamaClient:
                        timeout_s: float | None = None) -> Completion:
         """One non-streamed ``/completion``; a verify when ``request.prompt_logprobs > 0``."""
         data = await self._call("POST", "/completion", request.body(stream=False), timeout_s)
-        try:
-            return parse_completion(data)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise UpstreamError(self.name, 200, f"/completion answer not understood: "
-                                                f"{exc!r}") from None
+        return self._understood("/completion", lambda: parse_completion(data))
 
     async def complete_batch(self, requests: Sequence[CompletionRequest],
                              timeout_s: float | None = None) -> list[Completion]:
@@ -159,11 +185,7 @@ class LlamaClient:
         if not isinstance(data, list) or len(data) != len(requests):
             raise UpstreamError(self.name, 200, f"a batch of {len(requests)} completions "
                                                 f"answered with {str(data)[:200]!r}")
-        try:
-            return [parse_completion(item) for item in data]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise UpstreamError(self.name, 200, f"/completion answer not understood: "
-                                                f"{exc!r}") from None
+        return self._understood("/completion", lambda: [parse_completion(item) for item in data])
 
     async def verify(self, context: Sequence[int], draft: Sequence[int], *, scored: int = 0,
                      sampling: SamplingParams = SamplingParams(temperature=0.0),
@@ -203,11 +225,16 @@ class LlamaClient:
                             raise UpstreamError(self.name, 500, line[6:].decode(errors="replace"))
                         continue
                     data = json.loads(line[5:])
+                    if not isinstance(data, dict) or not isinstance(data.get("content", ""), str):
+                        raise ValueError(f"a streamed chunk that is not an object with text: "
+                                         f"{line[5:105]!r}")
                     if "error" in data:
                         err = data["error"]
-                        raise UpstreamError(self.name, int(err.get("code", 500)),
-                                            str(err.get("message", err)))
-                    chunk = parse_stream_chunk(data)
+                        code, message = (err.get("code"), err.get("message", err)) \
+                            if isinstance(err, dict) else (500, err)
+                        raise UpstreamError(self.name, code if isinstance(code, int) else 500,
+                                            str(message))
+                    chunk = self._understood("/completion", functools.partial(parse_stream_chunk, data))
                     if chunk.stop:
                         break
                     yield chunk

@@ -52,6 +52,11 @@ class SlotPool:
     def waiting(self) -> int:
         return sum(1 for w in self._waiters if not w.done())
 
+    @property
+    def busy(self) -> bool:
+        """A request arriving now would wait (no free slot, or earlier requests wait)."""
+        return not self._free or self.waiting > 0
+
     def _take(self, prompt: Sequence[int]) -> int:
         # _free runs from least to most recently released.
         shared = {s: common_prefix(self._prompts.get(s, ()), prompt) for s in self._free}

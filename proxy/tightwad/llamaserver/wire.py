@@ -191,6 +191,15 @@ def error_message(status: int, text: str) -> str:
         return text.strip()[:500] or f"status {status}"
 
 
+def is_key_refusal(data: Any) -> bool:
+    """Is ``data`` a llama-server's answer to a request without its API key (``--api-key``):
+    ``{"error": {"type": "authentication_error", "code": 401}}``? (The proxy's own refusal
+    says ``"code": "invalid_api_key"``.)"""
+    err = data.get("error") if isinstance(data, dict) else None
+    return isinstance(err, dict) and err.get("type") == "authentication_error" \
+        and err.get("code") == 401
+
+
 def is_props(data: Any) -> bool:
     """Is ``data`` a llama-server's ``/props`` answer (rather than another service's JSON)?"""
     return isinstance(data, dict) and ("total_slots" in data or "build_info" in data)
@@ -326,6 +335,91 @@ _DEVICE = re.compile(r"^\s*([A-Za-z]+\d+):.*\((\d+) MiB, (\d+) MiB free\)\s*$", 
 def parse_list_devices(text: str) -> list[Device]:
     """``llama-server --list-devices`` output, in the order it lists the devices."""
     return [Device(name, int(total), int(free)) for name, total, free in _DEVICE.findall(text)]
+
+
+class LoadDevice(NamedTuple):
+    """A device a llama-server's last load used, in its order (``--rpc`` order for workers)."""
+
+    name: str
+    """``RPC0``, ``CUDA0``."""
+    where: str
+    """An RPC worker's endpoint (``127.0.0.1:50052``), else the device's description."""
+    free_mib: int
+    """Free when the load began: the default tensor split is proportional to it."""
+
+
+class MemoryRow(NamedTuple):
+    """One device's row of llama-server's memory breakdown (MiB)."""
+
+    total: int
+    free: int
+    used: int
+    """Weights, context (KV cache) and compute buffers together."""
+    model: int
+    context: int
+    compute: int
+
+
+# "llama_prepare_model_devices: using device RPC0 (127.0.0.1:50052) (unknown id) - 24151 MiB free"
+_USING = re.compile(r"using device (\w+) \(([^)]*)\).* - (\d+) MiB free")
+# "common_memory_breakdown_print: |   - RPC0 (127.0.0.1:50052) | 24151 = 24151 + (  10 =  2 + ..."
+_BREAKDOWN = re.compile(r"memory_breakdown_print: \|\s+- \w+ \(([^)]*)\)\s*\|\s*(\d+) = (\d+) "
+                        r"\+ \(\s*(\d+) =\s*(\d+) \+\s*(\d+) \+\s*(\d+)\)")
+_N_LAYER = re.compile(r"print_info: n_layer\s+= (\d+)")
+_OFFLOADED = re.compile(r"load_tensors: offloaded (\d+)/(\d+) layers")
+
+
+def parse_load_devices(log: str) -> list[LoadDevice]:
+    """The devices of a llama-server log's last load, in order."""
+    found: list[LoadDevice] = []
+    fresh = True
+    for line in log.splitlines():
+        match = _USING.search(line)
+        if match is None:
+            fresh = fresh or bool(found)
+            continue
+        if fresh:
+            found, fresh = [], False
+        found.append(LoadDevice(match[1], match[2], int(match[3])))
+    return found
+
+
+def parse_memory_breakdown(log: str) -> dict[str, MemoryRow]:
+    """llama-server's memory breakdown by device (RPC workers by endpoint), the last printed."""
+    found: dict[str, MemoryRow] = {}
+    for match in _BREAKDOWN.finditer(log):
+        found[match[1]] = MemoryRow(*(int(match[i]) for i in range(2, 8)))
+    return found
+
+
+def parse_layer_counts(log: str) -> tuple[int, int] | None:
+    """``(n_layer, offloaded)`` of a llama-server log's last load: the repeating layers, and
+    how many of the ``n_layer + 1`` (with the output layer) went to devices (``-ngl``)."""
+    layers, offloaded = _N_LAYER.findall(log), _OFFLOADED.findall(log)
+    if not layers or not offloaded:
+        return None
+    return int(layers[-1]), int(offloaded[-1][0])
+
+
+class WorkerDevice(NamedTuple):
+    """A device an ``ggml-rpc-server`` serves, as its start-up banner lists it."""
+
+    name: str
+    """``CPU``, ``CUDA0``: the backend's device name."""
+    description: str
+    total_mib: int
+    free_mib: int
+
+
+# "  CPU: AMD Ryzen 7 (15890 MiB, 12000 MiB free)" after "Devices:"
+_WORKER_DEVICE = re.compile(r"^\s+(\w+): (.*) \((\d+) MiB, (\d+) MiB free\)\s*$", re.MULTILINE)
+
+
+def parse_worker_devices(text: str) -> list[WorkerDevice]:
+    """The devices in ``ggml-rpc-server``'s start-up banner (its log), last start only."""
+    banner = text.rsplit("Starting RPC server", 1)[-1] if "Starting RPC server" in text else ""
+    return [WorkerDevice(name, desc, int(total), int(free))
+            for name, desc, total, free in _WORKER_DEVICE.findall(banner)]
 
 
 # -- the OpenAI-compatible endpoints (requests the proxy passes through unspeculated) ---------

@@ -23,7 +23,7 @@ from typing import Any
 from tightwad import build as llama_build
 from tightwad import defaults
 from tightwad.llamaserver import wire
-from tightwad.pool import context, discovery, rpcproto
+from tightwad.pool import context, discovery, placement, probe, rpcproto
 from tightwad.pool.gguf_info import GGUFError, GGUFInfo, read_info
 from tightwad.pool.inventory import is_loopback
 from tightwad.pool.placement import MiB, human_bytes, pool_fit
@@ -83,6 +83,10 @@ class PoolView:
     """Local pool only: service name -> its recorded PID is running."""
     serving_workers_known: bool = False
     """The coordinator is known to run on exactly ``workers`` (the local pool's state)."""
+    split: str | list[float] = "auto"
+    """``coordinator_tensor_split``: auto, memory or one number per worker."""
+    measurements: list[probe.Measurement] = field(default_factory=list)
+    """Stored measurements (``--measurements``: the probe's JSON or the role's kept split file)."""
     fix_start: str = "tightwad start"
     fix_deploy: str = "ansible-playbook site.yml -i <inventory>"
 
@@ -103,6 +107,8 @@ class Facts:
     """``--ssh``: host -> output of its ``ggml-rpc-server --version`` (None: not asked)."""
     units: dict[str, dict[str, str]] | None = None
     """``--ssh``: host -> {systemd unit: state} (None: not asked)."""
+    measured: dict[str, probe.Measurement] = field(default_factory=dict)
+    """``--measure``: "host:port" -> this run's layer and link measurements of idle workers."""
 
     @property
     def coordinator_healthy(self) -> bool:
@@ -263,7 +269,8 @@ def check_versions(view: PoolView, facts: Facts) -> list[Check]:
                     bad.append(f"{binary} here speaks {proto or 'an unknown protocol'}")
     for role in ("coordinator", "drafter"):
         found = facts.http.get(role)
-        if found is not None and found.kind == "llama-server":
+        # A deployed server behind its API key shows no /props here: no build to compare.
+        if found is not None and found.kind == "llama-server" and found.build:
             commit = wire.parse_build_info(found.build)
             seen.append((role, "commit", commit or "?"))
             if commit != pin_commit:
@@ -563,9 +570,99 @@ def check_exposure(view: PoolView, facts: Facts) -> list[Check]:
     return [Check("worker firewall", OK, "workers refuse this non-coordinator machine")]
 
 
+def _rpc(worker: Endpoint) -> str:
+    return f"{worker.host}:{worker.port}"
+
+
+def measure_idle_workers(view: PoolView, facts: Facts, repeats: int = 3) -> None:
+    """``doctor --measure``: time a layer of the target on every worker that answered HELLO
+    (idle); busy workers are not touched. Needs the target and the pinned binaries here."""
+    idle = [w for w in view.workers if isinstance(facts.hellos.get(w.name), rpcproto.Hello)]
+    if not idle or view.model is None or view.bin_dir is None:
+        return
+    for m in probe.measure(view.model, [_rpc(w) for w in idle], view.bin_dir, repeats=repeats):
+        facts.measured[m.rpc] = m
+
+
+def load_measurements(raw: Any) -> list[probe.Measurement]:
+    """The probe's JSON list, or the coordinator role's kept split file (its ``measurements``
+    and ``free_mib`` by ``rpc``)."""
+    if isinstance(raw, dict):
+        found = [probe.Measurement.from_dict(m) for m in raw.get("measurements") or []
+                 if isinstance(m, dict)]
+        free = dict(zip(raw.get("rpc") or [], raw.get("free_mib") or []))
+        known = {m.rpc for m in found}
+        found += [probe.Measurement(r, skipped="not measured") for r in free if r not in known]
+        for m in found:
+            if not m.free and m.rpc in free:
+                m.free = int(free[m.rpc]) * MiB
+        return found
+    if isinstance(raw, list):
+        return [probe.Measurement.from_dict(m) for m in raw if isinstance(m, dict)]
+    raise ValueError("measurements: expected the probe's JSON list or a kept tensor-split.json")
+
+
+def placement_for(view: PoolView, facts: Facts,
+                  mode: str | None = None) -> tuple[placement.Placement | None, str]:
+    """The split rule on what doctor knows (None and why not, when it cannot be applied)."""
+    if view.model is None or facts.target is None:
+        return None, "no readable target model"
+    stored = {m.rpc: m for m in view.measurements}
+    devices = []
+    for w in view.workers:
+        rpc, hello = _rpc(w), facts.hellos.get(w.name)
+        m = facts.measured.get(rpc) or stored.get(rpc)
+        usable_m = m if m is not None and not m.skipped else None
+        if isinstance(hello, rpcproto.Hello):
+            free = hello.free_memory
+            rtt = min(hello.connect_s, hello.rtt_s) * 1000
+            base = usable_m or probe.Measurement(rpc)
+            devices.append(placement.Device(w.name, free, base.layer_ms, base.verify_layer_ms,
+                                            rtt, hello.download_bps or base.bandwidth_bps,
+                                            w.host, base.base_ms))
+        elif m is not None and m.free:
+            devices.append((usable_m or probe.Measurement(rpc, free=m.free)).device(w.name))
+        else:
+            return None, (f"worker {w.name} is busy (serving a coordinator: one client at a "
+                          "time) or down, so its free memory is unknown; placement is proposed "
+                          "on idle workers (before `tightwad start`)")
+    slot = slot_context(view, facts)
+    shape = probe.model_shape(view.model, slot.total if slot is not None else 0)
+    split = view.split if mode is None else mode
+    if isinstance(split, list):
+        return placement.place(shape, devices, mode="explicit", explicit=split), ""
+    return placement.place(shape, devices, mode=split), ""
+
+
+def check_placement(view: PoolView, facts: Facts) -> list[Check]:
+    if view.coordinator is None or not view.workers:
+        return []
+    try:
+        chosen, why = placement_for(view, facts)
+    except (placement.PlacementError, GGUFError) as exc:
+        return [Check("placement", FAIL, str(exc), "add a worker, lower the context or the "
+                      "slots, or use a smaller quantization")]
+    if chosen is None:
+        return [Check("placement", SKIP, f"cannot place the layers: {why}")]
+    rpc = ",".join(_rpc(view.workers[i]) for i in chosen.order)
+    msg = f"--rpc {rpc} --tensor-split {chosen.tensor_split}: {chosen.describe()}"
+    if chosen.mode != "speed" and chosen.chosen.ms_token is not None:
+        best, _ = placement_for(view, facts, "auto")
+        if best is not None and best.chosen.ms_token and \
+                chosen.chosen.ms_token >= 1.2 * best.chosen.ms_token:
+            return [Check("placement", WARN, msg + f"; speed-aware would predict "
+                          f"{best.chosen.ms_token:.1f} ms/token ({best.tensor_split})",
+                          "set coordinator_tensor_split: auto")]
+    if chosen.mode == "memory" and "no speed measurement" in chosen.reason:
+        return [Check("placement", OK, msg, "measure the workers: tightwad doctor --measure "
+                      "(loads a few layers onto each idle worker)")]
+    return [Check("placement", OK, msg)]
+
+
 CHECKS: list[Callable[[PoolView, Facts], list[Check]]] = [
     check_inventory, check_models, check_tokenizer, check_versions, check_workers,
-    check_memory, check_context, check_services, check_units, check_proxy_auth, check_exposure,
+    check_memory, check_context, check_placement, check_services, check_units,
+    check_proxy_auth, check_exposure,
 ]
 
 

@@ -1,8 +1,9 @@
 """A complete local pool on loopback, served by the Tightwad proxy on :8088.
 
     python -m tightwad.pool.demo            # (scripts/demo bootstraps first)
+    python -m tightwad.pool.demo --link wifi   # each worker behind an emulated Wi-Fi link
 
-It builds or reuses the pinned llama.cpp, writes the small test models, starts 2 RPC workers, a
+It builds or reuses the pinned llama.cpp, writes the demo pair, starts 2 RPC workers, a
 pooled coordinator that verifies drafts, a drafter and the proxy (remote drafting on), answers
 one completion through the proxy, prints the endpoint and serves until Ctrl-C.
 The pool is the one ``tightwad start --local`` runs (tightwad.pool.localpool.launch), kept in
@@ -21,8 +22,8 @@ from pathlib import Path
 from tightwad import build as llama_build
 from tightwad import defaults
 from tightwad.llamaserver.wire import UpstreamFailure
-from tightwad.pool.demomodels import ensure_demo_pair
-from tightwad.pool.localpool import LaunchSpec, launch
+from tightwad.pool.demomodels import ensure_local_pair
+from tightwad.pool.localpool import LINK_CHOICES, LaunchSpec, launch, link_choice, link_label
 from tightwad.pool.procs import LOOPBACK, ProcessFailed, ProcessGroup, tcp_open
 
 
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker-ports", default=",".join(map(str, defaults.LOCAL_WORKER_PORTS)),
                         help="comma-separated ports, one RPC worker each")
     parser.add_argument("--cache", type=Path, default=None, help="tightwad cache directory")
+    parser.add_argument("--link", choices=LINK_CHOICES, default=None,
+                        help="run each worker's link through an emulated network of this "
+                        "profile (default: direct loopback)")
     return parser
 
 
@@ -45,6 +49,7 @@ def _interrupt(*_: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    link = link_choice(args.link)
     cache = args.cache or llama_build.default_cache_dir()
     worker_ports = [int(p) for p in args.worker_ports.split(",") if p]
     ports = [*worker_ports, args.coordinator_port, args.drafter_port, args.port]
@@ -55,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         build = llama_build.ensure_build("cpu", cache=cache)
-        models = ensure_demo_pair(cache / "models", llama_build.fetch_source(cache) / "models")
+        models = ensure_local_pair(cache / "models", llama_build.fetch_source(cache) / "models")
     except llama_build.BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -71,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pool = launch(group, LaunchSpec(
                 model=models.target, draft=models.draft, worker_ports=worker_ports,
                 coordinator_port=args.coordinator_port, drafter_port=args.drafter_port,
-                proxy_port=args.port, slots=defaults.SLOTS))
+                proxy_port=args.port, slots=defaults.SLOTS, link=link))
             workers, coordinator, drafter, proxy = (pool.workers, pool.coordinator,
                                                     pool.drafter, pool.proxy)
             assert drafter is not None
@@ -84,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
         print(f"workers:     {', '.join(w.endpoint for w in workers)}")
+        print(f"link:        {link_label(link)}"
+              + (f", relays {', '.join(r.endpoint for r in pool.links)}" if pool.links else ""))
         print(f"coordinator: {coordinator.url}   drafter: {drafter.url}")
         active = "active" if spec["speculation_active"] else "OFF, see the proxy log"
         print(f"speculation: {spec['mode']} drafting, {active}")

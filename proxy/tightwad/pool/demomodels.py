@@ -8,6 +8,11 @@ A target and its self-speculative draft come from the same :class:`ModelSpec`: t
 keeps only the first ``keep_layers`` blocks and is otherwise byte-identical. Deeper target
 layers can be scaled down so that the draft agrees with the target often but not always
 (docs/architecture.md, a draft that behaves like a real one).
+
+Two pairs: the test pair (TARGET_SPEC, DRAFT_SPEC; :func:`ensure_demo_pair`), small so that the
+test suite stays fast, and the demo pair (DEMO_TARGET, DEMO_DRAFT; :func:`ensure_local_pair`),
+what the demo and ``tightwad start --local`` serve: a deeper target and a draft whose output
+matrix is quantized (:class:`Encoding`), so that the draft is cheap next to its target.
 """
 
 from __future__ import annotations
@@ -23,16 +28,21 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf.quants import quantize
 
 __all__ = [
+    "DEMO_DRAFT",
+    "DEMO_TARGET",
     "DRAFT_SPEC",
     "TARGET_SPEC",
     "DemoPair",
+    "Encoding",
     "ModelSpec",
+    "cached_encoded",
     "cached_model",
     "ensure_demo_pair",
     "read_gguf",
@@ -47,8 +57,11 @@ ARCH = "llama"
 # Bump when the bytes written for an unchanged spec change (weight init, metadata, layout),
 # so that files cached under the old scheme are not reused.
 FORMAT_VERSION = 1
+# Bump when what an Encoding writes changes (cached_encoded's file names carry it).
+ENCODING_VERSION = 1
 
 BigDtype = Literal["f16", "f32"]
+MatrixType = Literal["f32", "f16", "q8_0", "q4_0"]
 PathArg = Union[str, "os.PathLike[str]"]
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -135,6 +148,47 @@ TARGET_SPEC = ModelSpec(
     n_core_layers=2,
 )
 DRAFT_SPEC = TARGET_SPEC.truncated(2, name="tightwad-test-draft")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a model's matrices are stored (norms stay f32); part of a cached file's identity."""
+
+    matrices: MatrixType = "f32"  # the blocks' weights
+    output: MatrixType | None = None  # output.weight; None: as token_embd (ModelSpec.big_dtype)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.matrices}-{self.output or 'big'}"
+
+
+# The demo's and the local pool's pair (not the tests': their runtime stays that of the small
+# pair above). With a 128k vocabulary the output matrix dominates a small model, and a
+# layer-truncated draft shares it, so the draft would cost about what the target does. Here the
+# target is deep enough that its layers weigh, and the draft reads its output matrix quantized.
+# Measured with llama-server, 1 thread as the local pool runs it, on a loaded 2-core VM (ms per
+# token, medians; 48-64 greedy tokens): this target (24 x 256, f16 matrices, f16 output) 47-72;
+# drafts = its first 2 layers with the output matrix in q4_0: 7.5 (2.5-13), ratio 0.11-0.22,
+# per-position greedy agreement with the target 0.69 (6 prompts x 64 tokens); in q8_0: ratio
+# 0.20-0.24, agreement 0.77; in f16: ratio 0.52-0.80, agreement 0.78. The test pair above:
+# ratio 1.05 (its draft reads the same 128k x 128 output matrix), agreement 0.72. Top-2 logit
+# gap of this target: median 2.65, smallest 0.009 (greedy near-ties stay rare).
+DEMO_TARGET_SPEC = ModelSpec(
+    name="tightwad-demo-target",
+    vocab="llama-bpe",
+    n_layer=24,
+    n_embd=256,
+    n_head=8,
+    n_head_kv=2,
+    n_ff=1024,
+    seed=3,
+    output_scale=16.0,
+    deep_layer_scale=0.05,
+    n_core_layers=2,
+)
+DEMO_TARGET = (DEMO_TARGET_SPEC, Encoding(matrices="f16"))
+DEMO_DRAFT = (DEMO_TARGET_SPEC.truncated(2, name="tightwad-demo-draft"),
+              Encoding(matrices="f16", output="q4_0"))
 
 
 
@@ -274,6 +328,13 @@ def _linear(spec: ModelSpec, name: str, n_out: int, n_in: int, gain: float = 1.0
 TensorSource = Callable[["ModelSpec", int], Iterator[tuple[str, np.ndarray]]]
 
 
+class Raw(NamedTuple):
+    """A tensor already in a quantized GGML layout (bytes per row), as gguf's quantizers give."""
+
+    data: np.ndarray
+    qtype: GGMLQuantizationType
+
+
 def _tensors(spec: ModelSpec, n_vocab: int) -> Iterator[tuple[str, np.ndarray]]:
     """All tensors of the model, in file order, with their final dtypes."""
     big = np.float16 if spec.big_dtype == "f16" else np.float32
@@ -308,6 +369,31 @@ def _block(spec: ModelSpec, layer: int, norm: np.ndarray) -> Iterator[tuple[str,
         yield name, _linear(spec, name, n_out, n_in, gain)
 
 
+_QTYPES: dict[str, GGMLQuantizationType] = {
+    "f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
+    "q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
+
+
+def _encode(tensor: np.ndarray, kind: MatrixType) -> np.ndarray | Raw:
+    if kind in ("f32", "f16"):
+        return tensor.astype(np.float32 if kind == "f32" else np.float16)
+    return Raw(quantize(tensor.astype(np.float32), _QTYPES[kind]), _QTYPES[kind])
+
+
+def encoded_tensors(encoding: Encoding) -> Callable[[ModelSpec, int],
+                                                    Iterator[tuple[str, np.ndarray | Raw]]]:
+    """The standard random weights, stored as ``encoding`` says (token_embd as big_dtype)."""
+    def tensors(spec: ModelSpec, n_vocab: int) -> Iterator[tuple[str, np.ndarray | Raw]]:
+        for name, tensor in _tensors(spec, n_vocab):
+            if name == "output.weight" and encoding.output is not None:
+                yield name, _encode(tensor, encoding.output)
+            elif name.startswith("blk.") and tensor.ndim == 2:
+                yield name, _encode(tensor, encoding.matrices)
+            else:
+                yield name, tensor
+    return tensors
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -337,7 +423,10 @@ def _write_gguf(spec: ModelSpec, out: Path, tokenizer: Sequence[_KeyValue],
         for kv in tokenizer:
             writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
         for name, tensor in tensors(spec, n_vocab):
-            writer.add_tensor(name, tensor)
+            if isinstance(tensor, Raw):
+                writer.add_tensor(name, tensor.data, raw_dtype=tensor.qtype)
+            else:
+                writer.add_tensor(name, tensor)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -410,7 +499,26 @@ def cached_model(spec: ModelSpec, dest_dir: PathArg, vocab_dir: PathArg) -> Path
     return path
 
 
+def cached_encoded(spec: ModelSpec, encoding: Encoding, dest_dir: PathArg,
+                   vocab_dir: PathArg) -> Path:
+    """``spec`` stored as ``encoding``: ``dest_dir/<name>-<digest>-<encoding>.gguf``, written
+    only if it does not exist yet."""
+    path = (Path(dest_dir) / f"{spec.name}-{spec_digest(spec, vocab_dir)}-{encoding.tag}"
+                             f"-v{ENCODING_VERSION}.gguf")
+    if not path.is_file():  # files only ever appear complete (atomic rename)
+        write_gguf(spec, path, _tokenizer_kvs(vocab_path(vocab_dir, spec.vocab)),
+                   tensors=encoded_tensors(encoding))  # type: ignore[arg-type]
+    return path
+
+
 def ensure_demo_pair(dest_dir: PathArg, vocab_dir: PathArg) -> DemoPair:
-    """The demo target and its draft, written once and cached by spec."""
+    """The test suite's pair (TARGET_SPEC, DRAFT_SPEC), written once and cached by spec."""
     return DemoPair(target=cached_model(TARGET_SPEC, dest_dir, vocab_dir),
                     draft=cached_model(DRAFT_SPEC, dest_dir, vocab_dir))
+
+
+def ensure_local_pair(dest_dir: PathArg, vocab_dir: PathArg) -> DemoPair:
+    """The demo's and the local pool's pair (DEMO_TARGET, DEMO_DRAFT): a draft that is cheap
+    next to its target, written once and cached."""
+    return DemoPair(target=cached_encoded(*DEMO_TARGET, dest_dir, vocab_dir),
+                    draft=cached_encoded(*DEMO_DRAFT, dest_dir, vocab_dir))

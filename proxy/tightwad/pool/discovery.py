@@ -193,6 +193,8 @@ def identify_http(host: str, port: int, timeout: float = 2.0) -> HttpFinding | N
     healthy = status == 200
     answer = blocking.probe(f"{base}/tightwad/status", timeout=timeout)
     code, tw = answer.status, answer.body
+    if code == 401 and wire.is_key_refusal(tw):  # a llama-server behind its API key
+        return HttpFinding(port, "llama-server", healthy, detail="needs its API key")
     if code in (200, 401) and (code == 401 or (isinstance(tw, dict) and "mode" in tw)):
         finding = HttpFinding(port, "tightwad-proxy", healthy)
         if isinstance(tw, dict):

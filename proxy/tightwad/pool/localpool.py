@@ -5,6 +5,11 @@ exactly as ``python -m tightwad.pool.demo`` does (:func:`launch` is shared), det
 records them in a state file (``<cache>/local/state.json``, written atomically). ``stop``
 signals only the PIDs recorded there, after checking each is still the process that was started
 (its start time in ``/proc``), so a recycled PID is never killed.
+
+With a link profile (``--link wifi``) every worker gets a relay process of its own
+(:mod:`tightwad.pool.linkemu`) that emulates that link, and the coordinator's ``--rpc`` names the
+relays: pooling then pays a network's latency and bandwidth, as it does between real machines.
+The profile is recorded in the state (``link``) so that every output can say the link is emulated.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from tightwad import build as llama_build
 from tightwad import defaults
 from tightwad.llamaserver import blocking, wire
 from tightwad.llamaserver.wire import UpstreamFailure
+from tightwad.pool import placement, probe, rpcproto
+from tightwad.pool.linkemu import PROFILES, get_profile
 from tightwad.pool.procs import HttpService, LlamaServer, ProcessGroup, RpcWorker
 
 STATE_VERSION = 1
@@ -36,7 +43,7 @@ class LocalPoolError(RuntimeError):
 @dataclass
 class Service:
     name: str
-    kind: str  # rpc | coordinator | drafter | proxy
+    kind: str  # rpc | link | coordinator | drafter | proxy
     host: str
     port: int
     pid: int
@@ -60,6 +67,9 @@ class LocalState:
     slots: int
     services: list[Service] = field(default_factory=list)
     version: int = STATE_VERSION
+    # The emulated link between the coordinator and each worker (a linkemu profile name);
+    # None: direct loopback. State files written before links existed have no such key.
+    link: str | None = None
 
     def by_kind(self, kind: str) -> list[Service]:
         return [s for s in self.services if s.kind == kind]
@@ -67,6 +77,10 @@ class LocalState:
     def one(self, kind: str) -> Service | None:
         found = self.by_kind(kind)
         return found[0] if found else None
+
+    def rpc_endpoints(self) -> list[str]:
+        """What the coordinator's ``--rpc`` names: the link relays if any, else the workers."""
+        return [f"{s.host}:{s.port}" for s in (self.by_kind("link") or self.by_kind("rpc"))]
 
 
 @dataclass
@@ -82,6 +96,7 @@ class LaunchSpec:
     slots: int = defaults.SLOTS
     ctx: int = defaults.LOCAL_CTX_SIZE
     proxy_env: dict[str, str] = field(default_factory=dict)
+    link: str | None = None  # a linkemu profile: one relay process per worker; None: direct
 
 
 @dataclass
@@ -90,6 +105,33 @@ class Launched:
     coordinator: LlamaServer
     drafter: LlamaServer | None
     proxy: HttpService
+    links: list[RpcWorker] = field(default_factory=list)  # relays, one per worker, in order
+
+
+def link_choice(name: str | None) -> str | None:
+    """A ``--link`` value as stored: a profile name, or None for direct loopback ("none" too:
+    an emulated link without delay would only add a relay's overhead)."""
+    if name is None or name == "none":
+        return None
+    get_profile(name)  # ValueError naming the choices
+    return name
+
+
+LINK_CHOICES = tuple(PROFILES)
+
+
+def link_label(link: str | None) -> str:
+    """How every output names the link: emulated (with its numbers) or direct."""
+    if link is None:
+        return "direct (loopback: no network delay or bandwidth limit)"
+    try:
+        p = get_profile(link)
+    except ValueError:
+        return f"{link} (emulated, unknown profile)"
+    bandwidth = ("unlimited bandwidth" if p.bandwidth_bps is None
+                 else f"{p.bandwidth_bps / 1e6:g} Mbit/s each way")
+    return (f"{p.name} (emulated: {p.rtt_s * 1e3:g} ms RTT, jitter +-{p.jitter_s * 1e3:g} ms, "
+            f"{bandwidth})")
 
 
 def coordinator_args(verify_max_tokens: int = defaults.VERIFY_MAX_TOKENS) -> list[str]:
@@ -99,13 +141,27 @@ def coordinator_args(verify_max_tokens: int = defaults.VERIFY_MAX_TOKENS) -> lis
     return ["--verify-max-tokens", str(verify_max_tokens), *defaults.COORDINATOR_ARGS, "-lv", "4"]
 
 
+def local_split(spec: LaunchSpec, workers: Sequence[RpcWorker]) -> placement.Placement:
+    """The split of the one placement rule (:func:`tightwad.pool.placement.place`), memory-
+    proportional: every local worker shares this machine's cores, so a speed-aware split would
+    put every layer on one of them, and the local pool is there to show pooling. Each worker
+    is asked its free memory (RPC hello) before the coordinator connects to it."""
+    devices = [placement.Device(w.name, rpcproto.hello(w.host, w.port, timeout=5).free_memory)
+               for w in workers]
+    return placement.place(probe.model_shape(spec.model, spec.ctx), devices,
+                           mode="memory")
+
+
 def launch(group: ProcessGroup, spec: LaunchSpec) -> Launched:
     """Start workers, the pooled coordinator, the drafter and the proxy; wait until healthy."""
     workers = [group.rpc_worker(name=f"worker{i}", port=port, cache=True)
                for i, port in enumerate(spec.worker_ports)]
-    coordinator = group.llama_server(spec.model, name="coordinator", rpc=workers,
+    links = [] if spec.link is None else [
+        group.link_relay(w, spec.link, name=f"link{i}") for i, w in enumerate(workers)]
+    coordinator = group.llama_server(spec.model, name="coordinator", rpc=links or workers,
                                      port=spec.coordinator_port, slots=spec.slots, ctx=spec.ctx,
-                                     args=coordinator_args())
+                                     args=[*coordinator_args(), "--tensor-split",
+                                           local_split(spec, workers).tensor_split])
     drafter = None
     if spec.draft is not None:
         drafter = group.llama_server(spec.draft, name="drafter", port=spec.drafter_port,
@@ -113,7 +169,18 @@ def launch(group: ProcessGroup, spec: LaunchSpec) -> Launched:
     proxy = group.tightwad_proxy(target=coordinator, drafter=drafter, slots=spec.slots,
                                  port=spec.proxy_port, mode="remote" if drafter else "off",
                                  env=spec.proxy_env)
-    return Launched(workers, coordinator, drafter, proxy)
+    return Launched(workers, coordinator, drafter, proxy, links)
+
+
+def services_of(launched: Launched) -> list[Service]:
+    """The state's services, in start order (``stop`` ends them in reverse: proxy first)."""
+    services = [service_from(w, "rpc") for w in launched.workers]
+    services += [service_from(r, "link") for r in launched.links]
+    services.append(service_from(launched.coordinator, "coordinator"))
+    if launched.drafter is not None:
+        services.append(service_from(launched.drafter, "drafter"))
+    services.append(service_from(launched.proxy, "proxy"))
+    return services
 
 
 # --- state -----------------------------------------------------------------------------------

@@ -194,6 +194,28 @@ class ProcessGroup:
             time.sleep(0.05)
         return worker
 
+    def link_relay(self, upstream: RpcWorker, profile: str, *, name: str | None = None,
+                   port: int | None = None, timeout: float = 30) -> RpcWorker:
+        """Start an emulated link (``python -m tightwad.pool.linkemu``, in a process of its own
+        so that neither its caller nor a load generator slows it) in front of ``upstream``;
+        return it as the endpoint to give a coordinator's ``--rpc`` instead of the worker's.
+        Ready once it says so in its log: no test connection, which would reach the worker."""
+        port = port or free_port(upstream.host)
+        name = self._unique(name or "link")
+        cmd = [sys.executable, "-m", "tightwad.pool.linkemu", "--listen", str(port),
+               "--listen-host", upstream.host, "--upstream", upstream.endpoint,
+               "--profile", profile]
+        relay: RpcWorker = self._spawn(RpcWorker, name, cmd, host=upstream.host, port=port)
+        deadline = time.monotonic() + timeout
+        while "linkemu: " not in relay.log_text():
+            if not relay.alive():
+                raise relay.fail(f"exited with code {relay.popen.returncode}")
+            if time.monotonic() > deadline:
+                raise relay.fail(f"did not listen on {upstream.host}:{port} within "
+                                 f"{timeout:.0f} s")
+            time.sleep(0.05)
+        return relay
+
     def llama_server(self, model: Path, *, name: str | None = None,
                      rpc: Sequence[RpcWorker | str] = (), args: Sequence[str] = (),
                      ctx: int = 2048, slots: int = 1, port: int | None = None,

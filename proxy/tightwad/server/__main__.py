@@ -42,20 +42,16 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         return 0
     # Here, not at the top: `tightwad --help` builds this parser and needs none of the server.
-    from aiohttp import web
-
     from tightwad.server.app import create_app
+    from tightwad.server.listen import serve
 
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(config)
-    # handler_cancellation: a client that disconnects cancels its request's upstream work.
-    # shutdown_timeout: a backstop only; the app itself ends what runs past the grace period.
-    web.run_app(app, host=config.listen.host, port=config.listen.port,
-                handler_cancellation=True, shutdown_timeout=config.listen.shutdown_grace_s + 5,
-                print=lambda msg: logging.getLogger(
-                    "tightwad.server").info("serving the OpenAI API on http://%s:%d/v1",
-                                            config.listen.host, config.listen.port))
+    # The connection cap, header and keep-alive timeouts, handler cancellation (a client that
+    # disconnects cancels its request's upstream work): tightwad.server.listen.
+    serve(create_app(config), config.listen, ready=lambda: logging.getLogger(
+        "tightwad.server").info("serving the OpenAI API on http://%s:%d/v1",
+                                config.listen.host, config.listen.port))
     return 0
 
 

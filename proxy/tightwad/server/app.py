@@ -18,7 +18,11 @@ UTF-8 and parsed as JSON (400), then validated by :mod:`tightwad.server.openai_a
 down gives 503 with ``Retry-After``; a stream already running ends with an error event and
 ``data: [DONE]``. A client that goes away cancels its request's upstream work: the runner
 cancels the handler (``handler_cancellation=True``), which closes the engine's generator.
-A client that takes longer than ``limits.body_timeout_s`` to send its body gets 408.
+A client that takes longer than ``limits.body_timeout_s`` to send its body gets 408; one that
+stops reading its stream loses it after ``listen.write_timeout_s``. An error after a stream
+started (an upstream answer of the wrong shape, anything unexpected) ends it with an error event
+and ``[DONE]``, never a second status line. A request that would wait behind
+``limits.max_queued`` others for a slot gets 429 before its body is read.
 
 Shutdown (SIGTERM, a restart): the listening socket closes first, requests in flight get
 ``listen.shutdown_grace_s`` to finish, then each one still running ends cleanly at once (503
@@ -32,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -39,7 +44,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tightwad.config import Config
+from tightwad.config import Config, ListenConfig
 from tightwad.engine.engine import (
     Admission,
     Engine,
@@ -52,7 +57,8 @@ from tightwad.engine.engine import (
 )
 from tightwad.engine.telemetry import Telemetry
 from tightwad.llamaserver.wire import UpstreamError, UpstreamFailure, error_message, is_role_only
-from tightwad.server.auth import bearer_auth
+from tightwad.server import dashboard
+from tightwad.server.auth import OPEN_PATHS, bearer_auth
 from tightwad.server.cors import Cors
 from tightwad.server.lifecycle import SHUTTING_DOWN, Lifecycle
 from tightwad.server.openai_api import (
@@ -91,8 +97,8 @@ def _error_response(error: ApiError) -> web.Response:
 
 
 def _from_failed(failed: Failed) -> ApiError:
-    kind = {400: "invalid_request_error", 503: "service_unavailable"}.get(failed.status,
-                                                                        "server_error")
+    kind = {400: "invalid_request_error", 429: "rate_limit_error",
+            503: "service_unavailable"}.get(failed.status, "server_error")
     headers = ({"Retry-After": str(int(failed.retry_after))}
                if failed.retry_after is not None else {})
     return ApiError(failed.status, failed.message, type=kind, code=failed.code, headers=headers)
@@ -165,26 +171,32 @@ def _lone_surrogate(value: Any) -> str | None:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """OpenAI error JSON for everything, and the request counter."""
+    """OpenAI error JSON for everything (an error event on a stream already open), and the
+    request counter."""
     try:
         resp = await handler(request)
-    except ApiError as exc:
-        resp = _error_response(exc)
-    except web.HTTPException as exc:  # routing (404, 405) and aiohttp's own limits
-        if exc.status < 400:
-            raise
-        kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        resp = _error_response(ApiError(exc.status, exc.reason, type=kind))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
-    except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        resp = _error_response(ApiError(500, "internal error in the tightwad proxy; see its log",
-                                        type="server_error"))
+    except Exception as exc:
+        if isinstance(exc, web.HTTPException) and exc.status < 400:
+            raise
+        error = _as_api_error(request, exc)
+        sse: _Sse | None = request.get(_OPEN_STREAM)
+        resp = await sse.end_with(error) if sse is not None else _error_response(error)
     route = request.match_info.route.resource
     endpoint = route.canonical if route is not None else "other"
     request.app[TELEMETRY].on_http_answer(endpoint, resp.status)
     return resp
+
+
+def _as_api_error(request: web.Request, exc: Exception) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, web.HTTPException):  # routing (404, 405) and aiohttp's own limits
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        return ApiError(exc.status, exc.reason, type=kind)
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return ApiError(500, "internal error in the tightwad proxy; see its log", type="server_error")
 
 
 # -- generation -----------------------------------------------------------------------------
@@ -201,32 +213,93 @@ def _clamp_headers(admission: Admission) -> dict[str, str]:
                           f"by={admission.clamped_by}"}
 
 
-class _Sse:
-    """One SSE answer: opened at once, chunks, comment lines while waiting, ``[DONE]``."""
+STREAM_BUFFER_BYTES = 16 << 10
+"""What a stream may leave unsent in the socket and in the transport before its writes wait for
+the client (``listen.write_timeout_s`` at most)."""
 
-    def __init__(self, request: web.Request, headers: dict[str, str]) -> None:
+
+async def _drained(transport: asyncio.BaseTransport) -> None:
+    """Until ``transport`` holds at most STREAM_BUFFER_BYTES unsent (a poll: asyncio has no
+    public wait for a transport's buffer)."""
+    assert isinstance(transport, asyncio.WriteTransport)
+    while not transport.is_closing() and \
+            transport.get_write_buffer_size() > STREAM_BUFFER_BYTES:
+        await asyncio.sleep(0.05)
+
+
+class _Sse:
+    """One SSE answer: opened at once, chunks, comment lines while waiting, ``[DONE]``.
+
+    Every write has a deadline (``listen.write_timeout_s``): a client that stops reading
+    blocks the write once the socket buffers are full, and past the deadline its connection
+    is dropped (ConnectionResetError, as when a client goes away), which ends the generation
+    and frees its slots.
+    """
+
+    def __init__(self, request: web.Request, headers: dict[str, str],
+                 write_timeout_s: float) -> None:
         self.request = request
+        self.write_timeout_s = write_timeout_s
         self.resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no", **headers})
 
     async def open(self) -> None:
         await self.resp.prepare(self.request)
+        self.request[_OPEN_STREAM] = self
+        # A stream is a trickle (a token is ~200 bytes): small buffers cost nothing, bound what
+        # a client that stops reading holds, and let the write deadline notice it soon.
+        sock = self.request.transport.get_extra_info("socket") \
+            if self.request.transport is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER_BYTES)
+
+    async def _write(self, data: bytes, eof: bool = False) -> None:
+        write = self.resp.write_eof(data) if eof else self.resp.write(data)
+        try:
+            await asyncio.wait_for(write, self.write_timeout_s)
+            # aiohttp waits for the socket only every 64 KiB written; wait here as soon as
+            # more than STREAM_BUFFER_BYTES are unsent (the client is not keeping up).
+            transport = self.request.transport
+            if transport is not None and \
+                    transport.get_write_buffer_size() > STREAM_BUFFER_BYTES:
+                await asyncio.wait_for(_drained(transport), self.write_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("a client stopped reading its stream for %g s (listen.write_timeout_s); "
+                        "ending it", self.write_timeout_s)
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            raise ConnectionResetError("the client stopped reading") from None
 
     async def send(self, obj: Any) -> None:
         data = obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()
-        await self.resp.write(b"data: " + data + b"\n\n")
+        await self._write(b"data: " + data + b"\n\n")
 
     async def keepalive(self) -> None:
-        await self.resp.write(b": keep-alive\n\n")
+        await self._write(b": keep-alive\n\n")
 
     async def fail(self, failed: Failed) -> None:
-        error = _from_failed(failed)
+        await self._error(_from_failed(failed))
+
+    async def _error(self, error: ApiError) -> None:
         await self.send(error_body(error.message, error.type, None, error.code))
 
     async def done(self) -> None:
-        await self.send(b"[DONE]")
-        await self.resp.write_eof()
+        await self._write(b"data: [DONE]\n\n", eof=True)
+
+    async def end_with(self, error: ApiError) -> web.StreamResponse:
+        """End the open stream with ``error`` and ``[DONE]`` (after an unexpected error: the
+        status line is long sent); a client that is gone by now just loses it."""
+        with contextlib.suppress(ConnectionResetError, RuntimeError):
+            await self._error(error)
+            await self.done()
+        return self.resp
+
+
+# The request's SSE answer once its headers are sent: an error after that point must end the
+# stream (an error event and [DONE]), never start a second answer inside its body.
+_OPEN_STREAM: web.RequestKey[_Sse] = web.RequestKey("open_stream", _Sse)
 
 
 async def _next(lifecycle: Lifecycle, events: Any, sse: _Sse | None, every_s: float) -> Any:
@@ -279,6 +352,8 @@ async def _generate(request: web.Request, kind: str,
                     lifecycle: Lifecycle) -> web.StreamResponse:
     config, engine = request.app[CONFIG], request.app[ENGINE]
     limits = config.limits
+    if refused := engine.queue_refusal():  # before its body is read and tokenized
+        raise _from_failed(refused)
     body = await read_json(request, limits.max_body_bytes, limits.body_timeout_s)
     parse = parse_chat_request if kind == "chat" else parse_completion_request
     parsed = parse(body, config.limits)
@@ -300,7 +375,7 @@ async def _generate(request: web.Request, kind: str,
         raise error
     assert isinstance(admission, Admission)
     reply = _Reply(request, parsed, model, _clamp_headers(admission), lifecycle,
-                   config.listen.sse_keepalive_s)
+                   config.listen)
     if parsed.passthrough:
         for key in ("max_completion_tokens", "n_predict"):
             forward.pop(key, None)
@@ -317,17 +392,17 @@ class _Reply:
     """One completion's answer: JSON, or a stream opened before the first token."""
 
     def __init__(self, request: web.Request, parsed: ParsedRequest, model: str,
-                 headers: dict[str, str], lifecycle: Lifecycle, keepalive_s: float) -> None:
+                 headers: dict[str, str], lifecycle: Lifecycle, listen: ListenConfig) -> None:
         self.request = request
         self.parsed = parsed
         self.kind = parsed.kind
         self.model = model
         self.headers = headers
         self.lifecycle = lifecycle
-        self.keepalive_s = keepalive_s
+        self.keepalive_s = listen.sse_keepalive_s
         self.ident = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.sse = _Sse(request, headers) if parsed.stream else None
+        self.sse = _Sse(request, headers, listen.write_timeout_s) if parsed.stream else None
 
     def _piece(self, **kw: Any) -> dict[str, Any]:
         return chunk(self.kind, self.ident, self.created, self.model,
@@ -500,12 +575,16 @@ async def health(request: web.Request) -> web.Response:
                               "speculation_active": engine.speculation_active})
 
 
-async def status(request: web.Request) -> web.Response:
+def status_body(request: web.Request) -> dict[str, Any]:
     engine = request.app[ENGINE]
     spec = request.app[CONFIG].speculation
-    return web.json_response({**engine.status(), "config": {
+    return {**engine.status(), "config": {
         "k_min": spec.k_min, "k_max": spec.k_max, "k_initial": spec.k_initial,
-        "adaptive": spec.adaptive, "n_probs": spec.n_probs}})
+        "adaptive": spec.adaptive, "n_probs": spec.n_probs}}
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(status_body(request))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -519,7 +598,8 @@ def create_app(config: Config, engine: Engine | None = None) -> web.Application:
     engine = engine or Engine(config)
     token = config.auth.token.get_secret_value() if config.auth.token is not None else None
     cors = Cors(config.listen.cors_origins, expose=(CLAMP_HEADER,))
-    app = web.Application(middlewares=[cors.middleware, _errors, bearer_auth(token)],
+    app = web.Application(middlewares=[cors.middleware, _errors,
+                                       bearer_auth(token, OPEN_PATHS | dashboard.PUBLIC_PATHS)],
                           client_max_size=config.limits.max_body_bytes)
     app.on_response_prepare.append(cors.on_prepare)
     app[CONFIG] = config
@@ -555,4 +635,5 @@ def create_app(config: Config, engine: Engine | None = None) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/tightwad/status", status)
     app.router.add_get("/metrics", metrics)
+    dashboard.add_routes(app, engine, status_body)
     return app

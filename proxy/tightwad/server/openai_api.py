@@ -30,7 +30,6 @@ from tightwad.config import LimitsConfig
 from tightwad.decoding.sampling import SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-MAX_STOPS = 16
 MAX_TOP_K = 1 << 20  # beyond any vocabulary; keeps the value a small integer upstream
 MAX_TOOLS = 128
 MAX_TOP_LOGPROBS = 20
@@ -159,16 +158,25 @@ def _object(body: Mapping[str, Any], key: str) -> dict[str, Any] | None:
     return value
 
 
-def _stops(body: Mapping[str, Any]) -> tuple[str, ...]:
+def _stops(body: Mapping[str, Any], limits: LimitsConfig) -> tuple[str, ...]:
+    """The stop strings, within ``limits.max_stop_strings`` and ``limits.max_stop_chars`` (a
+    request's stop strings cost the proxy per generated token, and the coordinator too)."""
     value = body.get("stop")
     if value is None:
         return ()
     if isinstance(value, str):
-        return (value,) if value else ()
+        value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise _bad("stop", "'stop' must be a string or an array of strings", "invalid_type")
-    if len(value) > MAX_STOPS:
-        raise _bad("stop", f"at most {MAX_STOPS} stop strings are supported")
+    if len(value) > limits.max_stop_strings:
+        raise _bad("stop", f"'stop' holds {len(value)} strings; at most "
+                           f"{limits.max_stop_strings} are allowed (limits.max_stop_strings)",
+                   "too_many_stop_strings")
+    for i, stop in enumerate(value):
+        if len(stop) > limits.max_stop_chars:
+            raise _bad("stop", f"stop string {i} has {len(stop)} characters; at most "
+                               f"{limits.max_stop_chars} are allowed (limits.max_stop_chars)",
+                       "stop_string_too_long")
     return tuple(s for s in value if s)
 
 
@@ -484,7 +492,8 @@ def _common(body: Mapping[str, Any], kind: str, limits: LimitsConfig) -> dict[st
         seed=seed)
     options = body.get("stream_options") or {}
     return {
-        "model": model, "max_tokens": max_tokens, "sampling": sampling, "stop": _stops(body),
+        "model": model, "max_tokens": max_tokens, "sampling": sampling,
+        "stop": _stops(body, limits),
         "stream": bool(_bool(body, "stream")),
         "include_usage": bool(_bool(options, "include_usage")),
         "ignore_eos": bool(_bool(body, "ignore_eos")), "passthrough": reasons,

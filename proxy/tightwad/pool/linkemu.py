@@ -48,7 +48,7 @@ Three ways to use it::
         relays.endpoints   # ["127.0.0.1:<port>", ...] for llama-server --rpc
         relays.stats()     # one LinkStats per relay
 
-    python -m tightwad_dev.linkemu --listen 50152 --upstream 127.0.0.1:50052 --profile wifi
+    python -m tightwad.pool.linkemu --listen 50152 --upstream 127.0.0.1:50052 --profile wifi
 """
 
 from __future__ import annotations
@@ -564,10 +564,14 @@ class RelayThread:
 
     def stall(self, index: int | None = None) -> None:
         """Freeze one relay's link (``index``) or all of them (see :meth:`Relay.stall`)."""
-        self._on_loop(lambda: [r.stall() for r in self._pick(index)])
+        self._on_loop(lambda: self._each(index, Relay.stall))
 
     def unstall(self, index: int | None = None) -> None:
-        self._on_loop(lambda: [r.unstall() for r in self._pick(index)])
+        self._on_loop(lambda: self._each(index, Relay.unstall))
+
+    def _each(self, index: int | None, method: Callable[[Relay], None]) -> None:
+        for relay in self._pick(index):
+            method(relay)
 
     def _pick(self, index: int | None) -> list[Relay]:
         return self.relays if index is None else [self.relays[index]]
@@ -599,7 +603,7 @@ class RelayThread:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tightwad_dev.linkemu",
+        prog="python -m tightwad.pool.linkemu",
         description="Relay TCP connections through an emulated slow link (delay, jitter, "
                     "bandwidth cap per direction) and count bytes and round trips.")
     p.add_argument("--listen", type=int, required=True, metavar="PORT",

@@ -1,0 +1,362 @@
+"""The dashboard: ``GET /dashboard`` (``/`` redirects there) serves a page of plain HTML, CSS
+and JavaScript shipped as package data (``server/static/``: no build step, no CDN), and
+``GET /tightwad/dashboard.json`` is the one picture the page polls.
+
+The page holds no data and is public; it asks for the proxy's token (a form, or ``#token=...``
+in the address: a fragment never reaches a server or its log), keeps it in the tab's
+``sessionStorage`` and sends it as a bearer header. The JSON needs the token like every route.
+
+The picture (:meth:`Dashboard.picture`) is built from what exists: ``/tightwad/status``
+(the engine's status, :class:`~tightwad.engine.telemetry.Telemetry` the one statistics object,
+plus its rolling view), health probes of the coordinator and the drafter, and, when the proxy
+was started with ``TIGHTWAD_POOL_STATE`` naming a local pool's state file (``tightwad start
+--local`` passes it), the pool: each worker, its devices from its start-up banner, its memory
+and layers as the coordinator's load report (``-lv 4``) and split give them, and the link's
+round trip. The link is
+timed with a TCP handshake to the worker's host on port 22 (a refusal is an answer too), never
+on the worker's own port: a worker serves one client at a time with a backlog of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from tightwad.decoding.speculation import Line, round_rate
+from tightwad.engine.engine import Engine
+from tightwad.llamaserver import wire
+from tightwad.llamaserver.client import LlamaClient
+from tightwad.llamaserver.layers import layer_devices
+
+STATIC = Path(__file__).parent / "static"
+POOL_STATE_ENV = "TIGHTWAD_POOL_STATE"
+"""A local pool's state file (``pool/localpool.py`` writes it): the pool the page draws."""
+ASSETS = {"/dashboard": ("index.html", "text/html"),
+          "/dashboard/app.js": ("app.js", "application/javascript"),
+          "/dashboard/app.css": ("app.css", "text/css")}
+PUBLIC_PATHS = frozenset({"/", *ASSETS})
+"""The page and its files: no data in them, so no token (the JSON they poll needs it)."""
+LINK_EVERY_S = 15.0
+LOG_EVERY_S = 10.0
+_LOG_HEAD = 4 << 20  # the load report is near a log's start; -lv 4 logs grow with each request
+
+
+# -- pure parts -------------------------------------------------------------------------------
+
+
+def layer_spans(layer_map: Mapping[int, str]) -> dict[str, list[list[int]]]:
+    """Each device's layers as ``[first, last]`` runs: ``{0: "CPU", 1: "a", 2: "a"}`` ->
+    ``{"CPU": [[0, 0]], "a": [[1, 2]]}``."""
+    spans: dict[str, list[list[int]]] = {}
+    for layer in sorted(layer_map):
+        runs = spans.setdefault(layer_map[layer], [])
+        if runs and runs[-1][1] == layer - 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return spans
+
+
+def _ms_line(value: Any) -> Line | None:
+    if not isinstance(value, dict):
+        return None
+    return Line(value["fixed_ms"] / 1000, value["per_token_ms"] / 1000)
+
+
+def speculation_view(learned: Mapping[str, Any], rolling: Mapping[str, Any]) -> dict[str, Any]:
+    """Speculation now: the proxy's measured tokens/s of one stream with and without a draft,
+    their ratio, and the bound the measured acceptance and costs give at the chosen k (one
+    stream: the k controller's fitted draft and verify lines, :func:`round_rate`)."""
+    spec, alone = rolling.get("speculative_tok_s"), rolling.get("target_only_tok_s")
+    k = learned.get("k")
+    alpha = (learned.get("alpha") or {}).get("greedy")
+    costs = (learned.get("by_streams") or {}).get("1") or {}
+    draft, verify = _ms_line(costs.get("draft")), _ms_line(costs.get("verify"))
+    bound = bound_alone = None
+    if draft is not None and verify is not None and k and alpha is not None:
+        rate = round_rate(alpha, k, draft, verify)
+        bound = rate if math.isfinite(rate) else None
+        bound_alone = 1 / verify(0) if verify(0) > 0 else None
+    return {
+        "drafting": learned.get("drafting"), "reason": learned.get("reason"), "k": k,
+        "alpha": alpha, "predicted_speedup": learned.get("predicted_speedup"),
+        "speculative_tok_s": spec, "target_only_tok_s": alone,
+        "measured_speedup": spec / alone if spec and alone else None,
+        "bound_tok_s": bound, "bound_target_only_tok_s": bound_alone,
+        "bound_speedup": bound / bound_alone if bound and bound_alone else None,
+        "tokens_per_round": rolling.get("tokens_per_round"),
+        "acceptance": rolling.get("acceptance"), "positions": rolling.get("positions", []),
+        "k_drafted": rolling.get("k_drafted", {}), "fallbacks": rolling.get("fallbacks", {}),
+        "last_fallback": rolling.get("last_fallback"),
+    }
+
+
+def problems(picture: Mapping[str, Any]) -> list[dict[str, str]]:
+    """What is wrong with the pool the picture shows, and the fix, as ``tightwad doctor``
+    says it (what the proxy can see; doctor checks the rest)."""
+    out: list[dict[str, str]] = []
+    health = picture["health"]
+    status = picture["status"]
+    start = picture.get("fix_start") or "tightwad start"
+    if not health["coordinator"]["healthy"]:
+        out.append({"where": "coordinator", "what": f"the coordinator at "
+                    f"{health['coordinator']['url']} does not answer /health; requests get 503",
+                    "fix": f"start it ({start}); `tightwad doctor` says why it is down"})
+    drafter = health.get("drafter")
+    if drafter is not None and not drafter["healthy"]:
+        why = (status.get("drafter") or {}).get("last_error") or "no answer to /health"
+        out.append({"where": "drafter", "what": f"the drafter at {drafter['url']} is down "
+                    f"({why}): rounds run target-only, slower but exact",
+                    "fix": f"start the drafter ({start}), or check drafter.url"})
+    check = status.get("tokenizer_check")
+    if check is not None and not check.get("match"):
+        out.append({"where": "drafter", "what": f"the drafter's tokenizer differs from the "
+                    f"target's ({check.get('reason')}): speculation is off",
+                    "fix": "serve a draft model with the target's tokenizer"})
+    target = status.get("target") or {}
+    if target.get("ready") and target.get("verify_limit") == 0 and status.get("mode") == "remote":
+        out.append({"where": "coordinator", "what": str(target.get("verify")),
+                    "fix": "run tightwad's patched llama-server (tightwad start builds it)"})
+    for worker in (picture.get("pool") or {}).get("workers", []):
+        if not worker["healthy"]:
+            out.append({"where": worker["name"], "what": f"worker {worker['name']} "
+                        f"({worker['endpoint']}) is not running; the coordinator cannot "
+                        "compute its layers", "fix": f"restart the pool ({start})"})
+    return out
+
+
+def _split_arg(args: Sequence[str]) -> list[float] | None:
+    """``--tensor-split 3,1`` (or ``-ts``) from a llama-server's command line."""
+    for flag, value in zip(args, args[1:]):
+        if flag in ("--tensor-split", "-ts"):
+            try:
+                return [float(v) for v in value.split(",")]
+            except ValueError:
+                return None
+    return None
+
+
+def coordinator_layers(coordinator_log: str, args: Sequence[str]) -> dict[str, list[list[int]]]:
+    """Each device's layers (RPC workers by endpoint, ``CPU`` for the coordinator), from the
+    coordinator's load report (``-lv 4``: devices, free memory, layer counts) and its
+    ``--tensor-split``, as llama.cpp assigns them (:func:`layer_devices`)."""
+    devices = wire.parse_load_devices(coordinator_log)
+    counts = wire.parse_layer_counts(coordinator_log)
+    if not devices or counts is None:
+        return {}
+    split = _split_arg(args)
+    if split is None or len(split) != len(devices):
+        split = [float(d.free_mib) for d in devices]  # llama.cpp's default: free memory
+    n_layer, offloaded = counts
+    assigned = layer_devices(split, n_layer, offloaded)
+    return layer_spans({il: "CPU" if d is None else devices[d].where
+                        for il, d in enumerate(assigned)})
+
+
+def pool_view(state: Mapping[str, Any], coordinator_log: str,
+              worker_logs: Mapping[str, str], running: Callable[[int], bool],
+              links: Mapping[str, float | None]) -> dict[str, Any]:
+    """The pool as a local pool's state records it and its logs say: every worker with its
+    devices, memory and the layers the coordinator put on it; the coordinator's own share.
+    Layer ``n_layers`` is the output layer; the input embeddings stay on the coordinator."""
+    services = [s for s in state.get("services", []) if isinstance(s, dict)]
+    coordinator = next((s for s in services if s.get("kind") == "coordinator"), {})
+    spans = coordinator_layers(coordinator_log, coordinator.get("args") or [])
+    memory = wire.parse_memory_breakdown(coordinator_log)
+    counts = wire.parse_layer_counts(coordinator_log)
+    rpc = [s for s in services if s.get("kind") == "rpc"]
+    # An emulated link (``start --local --link wifi``): the coordinator reaches each worker
+    # through a relay of its own, in the workers' order, and names the relays.
+    relays = [f"{s['host']}:{s['port']}" for s in services if s.get("kind") == "link"]
+    emulated = state.get("link")
+    workers = []
+    for i, svc in enumerate(rpc):
+        endpoint = f"{svc['host']}:{svc['port']}"
+        seen_as = relays[i] if len(relays) == len(rpc) else endpoint
+        rtt = None if emulated else links.get(svc["host"])
+        devices = wire.parse_worker_devices(worker_logs.get(svc["name"], ""))
+        row = memory.get(seen_as)
+        runs = spans.get(seen_as, [])
+        workers.append({
+            "name": svc["name"], "endpoint": endpoint, "pid": svc.get("pid"),
+            "healthy": running(int(svc.get("pid") or 0)),
+            "devices": [{"backend": d.name, "description": d.description,
+                         "total_mib": d.total_mib, "free_at_start_mib": d.free_mib}
+                        for d in devices],
+            "layers": runs, "n_layers": sum(b - a + 1 for a, b in runs),
+            "used_mib": row.used if row else None,
+            "memory": row._asdict() if row else None,
+            "total_mib": row.total if row else (sum(d.total_mib for d in devices) or None),
+            "link": {"rtt_ms": None if rtt is None else round(1000 * rtt, 3),
+                     "bandwidth_mbps": None, "emulated": emulated, "via": seen_as,
+                     "note": "TCP handshake to the host; a serving worker takes one client, so "
+                             "bandwidth is measured by `tightwad doctor` on an idle pool"},
+        })
+    endpoints = {w["link"]["via"] for w in workers}
+    return {"workers": workers, "n_layers": counts[0] + 1 if counts else 0,
+            "coordinator_layers": {d: r for d, r in spans.items() if d not in endpoints},
+            "model": state.get("model"), "draft": state.get("draft")}
+
+
+# -- I/O --------------------------------------------------------------------------------------
+
+
+def _read_head(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(_LOG_HEAD).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not running
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def tcp_rtt(host: str, port: int = 22, samples: int = 3, timeout: float = 1.0) -> float | None:
+    """Median TCP handshake time to ``host`` (a refused connect is one round trip too)."""
+    times = []
+    for _ in range(samples):
+        started = time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except ConnectionRefusedError:
+            pass
+        except OSError:
+            return None
+        times.append(time.monotonic() - started)
+    return sorted(times)[len(times) // 2]
+
+
+@dataclass
+class Dashboard:
+    """The picture's sources and caches: health clients, the pool's logs, link timings."""
+
+    engine: Engine
+    pool_state: Path | None = None
+    fix_start: str = "tightwad start"
+    _clients: dict[str, LlamaClient] = field(default_factory=dict)
+    _logs: tuple[float, str, dict[str, str]] = (0.0, "", {})
+    _links: tuple[float, dict[str, float | None]] = (0.0, {})
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+
+    async def _healthy(self, name: str, url: str) -> bool:
+        client = self._clients.get(name)
+        if client is None or client.base_url != url.rstrip("/"):
+            client = self._clients[name] = LlamaClient(url, name=name, timeout_s=2.0)
+        return await client.health(timeout_s=1.0)
+
+    async def _pool(self, now: float) -> dict[str, Any] | None:
+        if self.pool_state is None:
+            return None
+        try:
+            state = json.loads(self.pool_state.read_text())
+        except (OSError, ValueError):
+            return {"error": f"the pool's state file {self.pool_state} is unreadable",
+                    "workers": []}
+        services = [s for s in state.get("services", []) if isinstance(s, dict)]
+        if now - self._logs[0] >= LOG_EVERY_S or not self._logs[1]:
+            coordinator = next((s for s in services if s.get("kind") == "coordinator"), {})
+            self._logs = (now, await asyncio.to_thread(_read_head, coordinator.get("log", "")),
+                          {s["name"]: await asyncio.to_thread(_read_head, s.get("log", ""))
+                           for s in services if s.get("kind") == "rpc"})
+        hosts = sorted({s["host"] for s in services if s.get("kind") == "rpc"})
+        if state.get("link"):  # emulated: a handshake on this host would say nothing
+            hosts = []
+        if now - self._links[0] >= LINK_EVERY_S:
+            timed = await asyncio.gather(*(asyncio.to_thread(tcp_rtt, h) for h in hosts))
+            self._links = (now, dict(zip(hosts, timed)))
+        return pool_view(state, self._logs[1], self._logs[2], _running, self._links[1])
+
+    async def picture(self, status: dict[str, Any]) -> dict[str, Any]:
+        """The dashboard's JSON: ``/tightwad/status`` (as ``status``), health, speculation
+        now, load, the series, the pool and what is wrong with it."""
+        now = time.time()
+        engine = self.engine
+        config = engine.config
+        target_ok = await engine.healthy()
+        drafter = None
+        if config.speculation.mode == "remote":
+            drafter = {"url": config.drafter.url,
+                       "healthy": await self._healthy("drafter", config.drafter.url)}
+        rolling = engine.telemetry.dashboard(now)
+        slots = engine.servers.target_slots
+        # The proxy's own leases: which coordinator slots its requests hold now.
+        free = set(getattr(slots, "_free", ())) if slots else set()
+        picture: dict[str, Any] = {
+            "time": now, "status": status, "fix_start": self.fix_start,
+            "health": {"proxy": {"healthy": True},
+                       "coordinator": {"url": config.target.url, "healthy": target_ok},
+                       "drafter": drafter},
+            "speculation": speculation_view(status.get("speculation") or {}, rolling),
+            "load": {"running": engine.telemetry.in_flight,
+                     "queued": slots.waiting if slots else 0,
+                     "slots": [{"id": i, "busy": i not in free}
+                               for i in range(slots.size)] if slots else [],
+                     "requests": rolling["requests"]},
+            "throughput": {"tok_s": rolling["tok_s"], "window_s": rolling["window_s"]},
+            "series": rolling["series"],
+            "pool": await self._pool(now),
+        }
+        picture["problems"] = problems(picture)
+        return picture
+
+
+DASHBOARD = web.AppKey("dashboard", Dashboard)
+
+
+async def _redirect(_: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/dashboard")
+
+
+async def _asset(request: web.Request) -> web.StreamResponse:
+    name, kind = ASSETS[request.path]
+    return web.FileResponse(STATIC / name, headers={
+        "Content-Type": f"{kind}; charset=utf-8", "Cache-Control": "no-cache",
+        # Everything the page needs is on this origin; the token never leaves it.
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
+        "Referrer-Policy": "no-referrer"})
+
+
+def add_routes(app: web.Application, engine: Engine,
+               status: Callable[[web.Request], dict[str, Any]]) -> None:
+    """The page, its files and its JSON; ``status`` builds ``/tightwad/status``'s body."""
+    path = os.environ.get(POOL_STATE_ENV)
+    app[DASHBOARD] = Dashboard(engine, Path(path) if path else None)
+
+    async def data(request: web.Request) -> web.Response:
+        return web.json_response(await request.app[DASHBOARD].picture(status(request)))
+
+    async def close(_: web.Application) -> None:
+        await app[DASHBOARD].close()
+
+    app.on_cleanup.append(close)
+    app.router.add_get("/", _redirect)
+    for route in ASSETS:
+        app.router.add_get(route, _asset)
+    app.router.add_get("/tightwad/dashboard.json", data)
