@@ -252,6 +252,19 @@ def chi2_sf(x: float, dof: int) -> float:
     return h * math.exp(-z + a * math.log(z) - math.lgamma(a))
 
 
+def target_draws(server: LlamaServer, prompt: tuple[int, ...], position: int,
+                 seeds: range) -> Counter:
+    """The target alone sampling ``position`` tokens after ``prompt`` (SAMPLING, a fresh seed
+    per draw): how often each token came last."""
+    def draw(seed: int) -> int:
+        return target_alone(server, list(prompt), position, temperature=SAMPLING.temperature,
+                            top_k=SAMPLING.top_k, top_p=SAMPLING.top_p, min_p=SAMPLING.min_p,
+                            seed=seed)["tokens"][position - 1]
+
+    with ThreadPoolExecutor(PROXY_SLOTS) as pool:
+        return Counter(pool.map(draw, seeds))
+
+
 def homogeneity_p(a: Counter, b: Counter) -> float:
     """Two-sample chi-square test of equal distributions; rare tokens pooled into one bin."""
     na, nb = sum(a.values()), sum(b.values())
@@ -277,14 +290,7 @@ def test_sampling_is_indistinguishable_from_the_target_and_a_wrong_rule_is_not(
     prompt = tuple(chosen)
     n_proxy, n_wrong = 800, 400
 
-    # Target alone, sampling its first token: n_predict 1, a fresh seed per draw.
-    def draw(seed: int) -> int:
-        return target_alone(coordinator, list(prompt), 1, temperature=SAMPLING.temperature,
-                            top_k=SAMPLING.top_k, top_p=SAMPLING.top_p, min_p=SAMPLING.min_p,
-                            seed=seed)["tokens"][0]
-
-    with ThreadPoolExecutor(PROXY_SLOTS) as pool:
-        alone = Counter(pool.map(draw, range(1000, 1000 + n_proxy)))
+    alone = target_draws(coordinator, prompt, 1, range(1000, 1000 + n_proxy))
 
     async def first_tokens(n: int, seed0: int) -> tuple[Counter, dict]:
         engine = await started(proxy_config(coordinator, spec_pool.drafter,
@@ -326,13 +332,7 @@ def test_sampling_through_continued_drafts_is_the_targets(spec_pool, record_prop
     prompt = tuple(tokenize(coordinator, PROMPTS[0]))
     n = 600
 
-    def third(seed: int) -> int:
-        return target_alone(coordinator, list(prompt), 3, temperature=SAMPLING.temperature,
-                            top_k=SAMPLING.top_k, top_p=SAMPLING.top_p, min_p=SAMPLING.min_p,
-                            seed=seed)["tokens"][2]
-
-    with ThreadPoolExecutor(PROXY_SLOTS) as pool:
-        alone = Counter(pool.map(third, range(5000, 5000 + n)))
+    alone = target_draws(coordinator, prompt, 3, range(5000, 5000 + n))
 
     async def scenario() -> tuple[Counter, dict]:
         engine = await started(proxy_config(coordinator, spec_pool.drafter, speculation={
