@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover
 
 try:
     from tightwad import defaults
+    from tightwad.config import token_weakness
     from tightwad.llamaserver.wire import parse_list_devices
     from tightwad.pool import context, placement, probe
     from tightwad.pool.gguf_info import GGUFError, read_info
@@ -227,9 +228,16 @@ def tightwad_ctx_size(model: str, slots, free_mib, name: str = "coordinator",
             "limit": choice.limit, "warning": choice.warning, "message": choice.message}
 
 
+def tightwad_secret_weakness(secret: object) -> str:
+    """Why a key or token is too weak to guard a port on the network ("" when it is fine), by
+    the proxy's own rule, so a preflight refuses what the proxy itself would refuse."""
+    return token_weakness(str(secret)) or ""
+
+
 class FilterModule:
     def filters(self) -> dict:
-        return {"tightwad_pool_addresses": tightwad_pool_addresses,
+        return {"tightwad_secret_weakness": tightwad_secret_weakness,
+                "tightwad_pool_addresses": tightwad_pool_addresses,
                 "tightwad_rpc_endpoints": tightwad_rpc_endpoints,
                 "tightwad_service_url": tightwad_service_url,
                 "tightwad_role_var": tightwad_role_var,

@@ -52,6 +52,10 @@ SDIST_VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_SUBDIR = "vendor/llama.cpp"
 SDIST_SUBMODULE_HEAD = ".git/modules/vendor/llama.cpp/HEAD"
+# The sdist's PEP 517 build backend. pip prepares an sdist's metadata even for a download; a
+# stand-in of this name answers instead, so nothing in the archive runs and no build
+# dependency is installed (the archive is only unpacked, after its sha256 matched).
+SDIST_BUILD_BACKEND = "scikit_build_core.build"
 
 TARGETS = ("llama-server", "ggml-rpc-server", "llama-quantize")
 BACKENDS = ("cpu", "cuda", "rocm", "metal", "vulkan")
@@ -305,19 +309,66 @@ def _fetch_git(staging: Path, url: str) -> dict:
 
 
 def _download(url: str, dest: Path) -> Path:
+    if not url.startswith("https://"):
+        raise BuildError(f"{url}: only https:// URLs are fetched (a plain http:// download can "
+                         "be swapped on the way)")
     log(f"downloading {url}")
     with urllib.request.urlopen(url, timeout=60) as resp, dest.open("wb") as out:
         shutil.copyfileobj(resp, out)
     return dest
 
 
-def _fetch_sdist_file(staging: Path) -> Path:
-    """``pip download`` the sdist that vendors the pinned tree (works wherever pip's index does)."""
-    log(f"fetching the {SDIST_NAME}=={SDIST_VERSION} sdist with pip (vendors {PIN_SHORT})")
+_STANDIN_BACKEND = """\
+# Stands in for the sdist's build backend while pip downloads it: pip asks for metadata, gets
+# the name and version it asked for, and nothing from the archive runs.
+import os
+
+NAME, VERSION = {name!r}, {version!r}
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    info = NAME.replace("-", "_") + "-" + VERSION + ".dist-info"
+    os.makedirs(os.path.join(metadata_directory, info))
+    with open(os.path.join(metadata_directory, info, "METADATA"), "w") as out:
+        out.write("Metadata-Version: 2.1\\nName: " + NAME + "\\nVersion: " + VERSION + "\\n")
+    return info
+"""
+
+
+def _sdist_download_command(staging: Path) -> tuple[list[str], dict[str, str]]:
+    """``pip download`` of the pinned sdist that runs nothing in it: hash-checking mode (pip
+    compares the sha256 before it unpacks anything), no build isolation (no build dependency
+    is installed) and a stand-in for its build backend (pip's metadata step runs that)."""
+    requirements = staging / "requirements.txt"
+    requirements.write_text(f"{SDIST_NAME}=={SDIST_VERSION} --hash=sha256:{SDIST_SHA256}\n")
+    standin = staging / "standin-backend"
+    module = standin.joinpath(*SDIST_BUILD_BACKEND.split("."))
+    module.parent.mkdir(parents=True)
+    for parent in (module.parent, *list(module.parent.parents)):
+        if parent == standin:
+            break
+        (parent / "__init__.py").touch()
+    module.with_suffix(".py").write_text(
+        _STANDIN_BACKEND.format(name=SDIST_NAME, version=SDIST_VERSION))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(standin), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "-d", str(staging), f"{SDIST_NAME}=={SDIST_VERSION}"]
-    result = _run(cmd, timeout=1800)
-    found = sorted(staging.glob("llama_cpp_python-*.tar.gz"))
+           "--no-build-isolation", "--require-hashes", "--disable-pip-version-check",
+           "-d", str(staging / "download"), "-r", str(requirements)]
+    return cmd, env
+
+
+def _fetch_sdist_file(staging: Path) -> Path:
+    """``pip download`` the sdist that vendors the pinned tree (works wherever pip's index
+    does), checked against its pinned sha256 before anything in it is read or run."""
+    log(f"fetching the {SDIST_NAME}=={SDIST_VERSION} sdist with pip (vendors {PIN_SHORT})")
+    cmd, env = _sdist_download_command(staging)
+    result = _run(cmd, env=env, timeout=1800)
+    found = sorted((staging / "download").glob("llama_cpp_python-*.tar.gz"))
     if result.returncode != 0 or not found:
         raise BuildError(f"pip download failed: {(result.stderr or result.stdout).strip()[-800:]}")
     return found[0]
@@ -348,12 +399,14 @@ def _tree_from_unpacked(root: Path, label: str, archive_sha: str | None,
             raise BuildError(f"{label}: vendored llama.cpp is at {head or 'an unknown commit'}, "
                              f"expected the pin {PIN_COMMIT}")
         return root / SDIST_SUBDIR, origin
-    if (root / ".git").exists():
+    if (root / ".git").is_dir() and archive_sha is None:  # a local checkout: git knows
         head = _run(["git", "rev-parse", "HEAD"], cwd=root).stdout.strip()
         if head != PIN_COMMIT:
             raise BuildError(f"{label}: checkout is at {head or 'an unknown commit'}, "
                              f"expected the pin {PIN_COMMIT}")
         return root, origin
+    # An archive is what its sha256 says it is (checked before it was unpacked); nothing in it
+    # can vouch for itself.
     if expected_sha and archive_sha == expected_sha:
         return root, origin
     raise BuildError(f"{label}: cannot prove this tree is llama.cpp {PIN_SHORT}; pass --sha256 "
@@ -394,7 +447,13 @@ def fetch_source(cache: Path, source: str = "auto", *, git_url: str = GIT_URL,
                 if sha != expected:
                     raise BuildError(f"{archive.name}: sha256 {sha} != pinned {expected}")
                 label = f"sdist:{SDIST_NAME}=={SDIST_VERSION}"
-            elif re.match(r"^https?://", source):
+            elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source):
+                if not source.startswith("https://"):
+                    raise BuildError(f"--source {source}: only https:// URLs (a plain http:// "
+                                     "download can be swapped on the way)")
+                if not sha256:
+                    raise BuildError(f"--source {source}: a URL needs --sha256 (the archive's "
+                                     "checksum), checked before anything in it is used")
                 archive = _download(source, staging / "archive")
                 sha, expected, label = sha256_file(archive), sha256, source
             elif Path(source).is_dir():
@@ -403,6 +462,9 @@ def fetch_source(cache: Path, source: str = "auto", *, git_url: str = GIT_URL,
                 shutil.copytree(tree, copy, symlinks=True, ignore=shutil.ignore_patterns(".git"))
                 return _install_tree(copy, dest, origin)
             elif Path(source).is_file():
+                if not sha256:
+                    raise BuildError(f"--source {source}: cannot prove this archive is llama.cpp "
+                                     f"{PIN_SHORT}; pass --sha256 with its checksum")
                 archive = Path(source)
                 sha, expected, label = sha256_file(archive), sha256, str(source)
             else:
@@ -460,14 +522,22 @@ def build_key(backend: str = "cpu", *, patches_dir: Path | None = None,
 
 
 def cached_build(cache: Path, key: BuildKey) -> Build | None:
+    """The cached build of ``key``, its binaries re-hashed against its manifest first (a
+    binary changed since it was built is refused, never shipped), or None."""
     path = cache / "builds" / key.name
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         return None
     manifest = json.loads(manifest_path.read_text())
-    if all((path / "bin" / t).is_file() for t in key.targets):
-        return Build(path, manifest, cache_hit=True)
-    return None
+    if not all((path / "bin" / t).is_file() for t in key.targets):
+        return None
+    recorded = manifest.get("binaries") or {}
+    for target in key.targets:
+        want = (recorded.get(target) or {}).get("sha256")
+        if want is None or sha256_file(path / "bin" / target) != want:
+            raise BuildError(f"cached build {path}: bin/{target} does not match the sha256 its "
+                             f"manifest recorded; delete {path} to build it again")
+    return Build(path, manifest, cache_hit=True)
 
 
 def _sync_patches(pristine: Path, work_src: Path, patches: Sequence[Path]) -> None:

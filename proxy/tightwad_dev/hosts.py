@@ -22,7 +22,8 @@ The pieces (recipe: docs/architecture.md; reference: docs/test-hosts.md):
   address, ``.1`` of the group's /24), and boots ``systemd-nspawn --boot --volatile=overlay``
   inside that namespace, from a cgroup of its own (``tightwad-<prefix>-<name>``; with
   ``--keep-unit`` containers started from one cgroup would share one cgroup tree) and with
-  CAP_NET_ADMIN (for the host's own firewall). All hosts share the read-only rootfs; each writes
+  CAP_NET_ADMIN (for the host's own firewall); ``cpu_quota`` puts a host, all of it, in a
+  CPU-limited cgroup too (a slow machine). All hosts share the read-only rootfs; each writes
   to its own tmpfs overlay, so every boot starts clean and nothing is written back to the cache.
 - ``close()`` (or leaving the ``with`` block, a failing test, Ctrl-C, SIGTERM, interpreter
   exit) stops every container (SIGTERM for an orderly halt, then SIGKILL of every process in the
@@ -516,9 +517,45 @@ def _cgroup_parents() -> list[Path]:
     return [mount / own[key].lstrip("/") for key, mount in mounts.items() if key in own]
 
 
+CPU_PERIOD_US = 10_000
+"""The CFS period of a host's CPU quota: short, so that a few milliseconds of work are slowed
+evenly rather than stalled in bursts."""
+
+
+def _cpu_parent() -> tuple[Path, str] | None:
+    """Where a CPU-limited host cgroup goes and how it is limited: our own cgroup in the cgroup2
+    hierarchy when it delegates the ``cpu`` controller (``cpu.max``), else in the v1 ``cpu``
+    hierarchy (``cpu.cfs_quota_us``); None when neither is there."""
+    try:
+        own = {c: p for _, c, p in (line.split(":", 2) for line in
+                                      Path("/proc/self/cgroup").read_text().splitlines())}
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except (OSError, ValueError):
+        return None
+    for line in mounts:
+        pre, _, post = line.partition(" - ")
+        fstype, _, options = post.split()[:3]
+        mount = Path(pre.split()[4])
+        if fstype == "cgroup2" and "" in own:
+            parent = mount / own[""].lstrip("/")
+            with contextlib.suppress(OSError):
+                if "cpu" in (parent / "cgroup.subtree_control").read_text().split():
+                    return parent, "v2"
+    for line in mounts:
+        pre, _, post = line.partition(" - ")
+        fstype, _, options = post.split()[:3]
+        if fstype == "cgroup" and "cpu" in options.split(","):
+            key = next((c for c in own if "cpu" in c.split(",")), None)
+            if key is not None:
+                return Path(pre.split()[4]) / own[key].lstrip("/"), "v1"
+    return None
+
+
 def _cgroup_dirs(prefix: str) -> list[Path]:
-    return [d for parent in _cgroup_parents() for d in parent.glob(f"tightwad-{prefix}-*")
-            if d.is_dir()]
+    parents = _cgroup_parents()
+    if (cpu := _cpu_parent()) is not None and cpu[0] not in parents:
+        parents.append(cpu[0])
+    return [d for parent in parents for d in parent.glob(f"tightwad-{prefix}-*") if d.is_dir()]
 
 
 def _cgroup_pids(top: Path) -> list[int]:
@@ -592,6 +629,9 @@ class HostGroup:
     boot_timeout: float = 120.0
     stop_timeout: float = 10.0
     packages: Sequence[str] = PACKAGES
+    cpu_quota: Mapping[str, float] = field(default_factory=dict)
+    """Host name -> the share of one CPU its whole container may use (0.25: a quarter): a slow
+    machine for placement tests (cgroup v2 ``cpu.max`` or the v1 CFS quota)."""
     hosts: dict[str, Host] = field(default_factory=dict, init=False)
     rootfs: Rootfs | None = field(default=None, init=False)
 
@@ -605,6 +645,8 @@ class HostGroup:
             if not _NAME_RE.match(name):
                 raise ValueError(f"host name {name!r}: lowercase letters, digits, '-', <= 20")
         self.names = names
+        if unknown := set(self.cpu_quota) - set(names):
+            raise ValueError(f"cpu_quota for unknown hosts {sorted(unknown)}")
         net = ipaddress.IPv4Network(self.subnet) if self.subnet else _default_subnet(self.prefix)
         if net.num_addresses - 12 < len(names):
             raise ValueError(f"{net} is too small for {len(names)} hosts")
@@ -729,6 +771,8 @@ class HostGroup:
             enter.append(f"echo $$ > {shlex.quote(str(cgroup / 'cgroup.procs'))}")
         if not enter:
             raise HostsError("no cgroup hierarchy found to give each container its own cgroup")
+        if (quota := self.cpu_quota.get(host.name)) is not None:
+            enter.append(f"echo $$ > {shlex.quote(str(self._limit_cpu(host, quota)))}")
         script = " && ".join(enter) + ' && exec "$@"'
         with host.log_path.open("w") as fh:
             fh.write(f"$ {shlex.join(cmd)}\n")
@@ -736,6 +780,24 @@ class HostGroup:
             host.popen = subprocess.Popen(["sh", "-c", script, "sh", *cmd],
                                           stdin=subprocess.DEVNULL, stdout=fh,
                                           stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _limit_cpu(self, host: Host, quota: float) -> Path:
+        """Make the host's CPU-limited cgroup; return its ``cgroup.procs``."""
+        found = _cpu_parent()
+        if found is None or quota <= 0:
+            raise HostsError(f"host {host.name}: no cgroup cpu controller to limit it to "
+                             f"{quota:g} of a CPU" if found is None else
+                             f"host {host.name}: a CPU quota must be positive, not {quota:g}")
+        parent, kind = found
+        cgroup = parent / f"tightwad-{host.netns}"
+        cgroup.mkdir(exist_ok=True)
+        limit = max(1000, int(CPU_PERIOD_US * quota))
+        if kind == "v2":
+            (cgroup / "cpu.max").write_text(f"{limit} {CPU_PERIOD_US}")
+        else:
+            (cgroup / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+            (cgroup / "cpu.cfs_quota_us").write_text(str(limit))
+        return cgroup / "cgroup.procs"
 
     def _hosts_file(self) -> str:
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",

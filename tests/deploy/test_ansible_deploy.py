@@ -4,7 +4,9 @@ Three hosts: RPC workers on w1 and w2; coordinator, drafter and proxy on coord, 
 `tightwad start` (site.yml). The pinned CPU build is made once on the controller with
 tightwad.build and shipped; the proxy's wheels are built and downloaded on the controller (the
 hosts have no route out). Checked on the hosts: units active, bound to the pool address,
-firewalled to the coordinator, restarted by systemd, hardened; from the controller: a completion
+workers firewalled to the coordinator, the coordinator and drafter firewalled to the proxy (and
+the controller) and behind generated keys, one account per service, restarted by systemd,
+hardened; from the controller: a completion
 through the proxy, `tightwad status` and `doctor`. A second run and a check-mode run change
 nothing; `tightwad swap` (playbooks/swap.yml) changes the model and restarts only the
 coordinator; `tightwad stop` and teardown.
@@ -46,6 +48,9 @@ GROUPS = {"rpc_workers": ["w1", "w2"], "coordinator": ["coord"], "drafters": ["c
 TOKEN = "deploy-test-token-7f3a"
 UNITS = {"w1": ["tightwad-rpc-main"], "w2": ["tightwad-rpc-main"],
          "coord": ["tightwad-coordinator", "tightwad-drafter", "tightwad-proxy"]}
+# One account per service: a LAN-facing server cannot read another service's secrets.
+ACCOUNTS = {"tightwad-rpc-main": "tightwad-rpc", "tightwad-coordinator": "tightwad-coordinator",
+            "tightwad-drafter": "tightwad-drafter", "tightwad-proxy": "tightwad-proxy"}
 
 
 def _changed(stdout: str) -> dict[str, int]:
@@ -96,6 +101,9 @@ def deployed(tmp_path_factory, models):
         inv = group.inventory(GROUPS)
         inv["all"]["vars"] = {"tightwad_model": str(models.target),
                               "tightwad_draft_model": str(models.draft),
+                              # The memory-proportional rule (the speed-aware auto probes the
+                              # workers from the controller: tests/unit/test_placement*.py).
+                              "coordinator_tensor_split": "memory",
                               "tightwad_proxy_token": TOKEN,
                               "coordinator_parallel": 2, "coordinator_ctx_size": 2048,
                               "drafter_parallel": 2, "drafter_ctx_size": 2048,
@@ -194,6 +202,9 @@ def test_completion_through_the_proxy(deployed):
         status = json.load(resp)
     assert status["mode"] == "remote" and status["speculation_active"] is True, status
     assert status["stats"]["rounds"] > 0 and status["stats"]["drafted"] > 0, status
+    # ... with keys on both (generated at deploy time): speculation stays on.
+    config = group["coord"].run("grep -c api_key /etc/tightwad/proxy.yml").stdout.strip()
+    assert config == "2", config
 
 
 def test_second_run_and_check_mode_change_nothing(deployed):
@@ -211,10 +222,76 @@ def _connects(src, dst, port: int = 50052) -> bool:
     return src.run(probe, check=False).stdout.strip() == "OK"
 
 
+def _controller_connects(dst, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((dst.address, port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
 def test_rpc_port_admits_only_the_coordinator(deployed):
     group, _, _, _ = deployed
     assert _connects(group["coord"], group["w1"])
+    assert _connects(group["coord"], group["w2"])
+    # From every host that is not the coordinator, every worker port is closed.
     assert not _connects(group["w2"], group["w1"])
+    assert not _connects(group["w1"], group["w2"])
+    assert not _controller_connects(group["w1"], 50052)
+    # Fail closed: the worker requires its firewall, which was loaded before it started.
+    unit = group["w1"].run("systemctl show -p Requires -p After --value tightwad-rpc-main").stdout
+    assert unit.count("tightwad-rpc-firewall.service") == 2, unit
+
+
+def _get(url: str, key: str | None = None) -> int:
+    import urllib.error
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_coordinator_and_drafter_admit_only_the_proxy_and_demand_a_key(deployed):
+    group, _, _, _ = deployed
+    coord = group["coord"]
+    # From a host that is not the proxy: nothing answers.
+    for port in (8090, 8091):
+        assert not _connects(group["w1"], coord, port), port
+    # The controller (admitted: `tightwad status` reads /health from here) gets nothing
+    # useful without the key, and no slot introspection even with it.
+    keys = {}
+    for name, port in (("coordinator", 8090), ("drafter", 8091)):
+        base = f"http://{coord.address}:{port}"
+        assert _get(f"{base}/health") == 200
+        assert _get(f"{base}/v1/models") == 401 and _get(f"{base}/props") == 401
+        assert _get(f"{base}/v1/models", "not-the-key") == 401
+        key = coord.run(f"cat /etc/tightwad/{name}.key").stdout.strip()
+        assert len(key) >= 40, name
+        keys[name] = key
+        assert _get(f"{base}/props", key) == 200
+        assert _get(f"{base}/slots", key) != 200
+        # Root-owned, readable by this service's group only; never on the command line.
+        mode = coord.run(f"stat -c '%a %U %G' /etc/tightwad/{name}.key").stdout.split()
+        assert mode == ["640", "root", f"tightwad-{name}"], mode
+        cmdline = coord.run(f"systemctl show -p ExecStart --value tightwad-{name}").stdout
+        assert key not in cmdline and f"--api-key-file /etc/tightwad/{name}.key" in cmdline
+        assert "--no-slots" in cmdline
+    assert keys["coordinator"] != keys["drafter"]
+    # The proxy's config carries both keys; the LAN-facing servers cannot read it, nor each
+    # other's key.
+    config = coord.run("cat /etc/tightwad/proxy.yml").stdout
+    assert keys["coordinator"] in config and keys["drafter"] in config
+    for user, path in (("tightwad-coordinator", "/etc/tightwad/proxy.yml"),
+                       ("tightwad-drafter", "/etc/tightwad/proxy.yml"),
+                       ("tightwad-drafter", "/etc/tightwad/coordinator.key"),
+                       ("tightwad-coordinator", "/etc/tightwad/drafter.key")):
+        denied = coord.run(f"runuser -u {user} -- cat {path}", check=False)
+        assert denied.returncode != 0, (user, path)
 
 
 def test_model_larger_than_ram_is_refused(deployed):
@@ -275,7 +352,7 @@ def test_services_run_unprivileged_and_hardened(deployed):
     for name, units in UNITS.items():
         for unit in units:
             user = group[name].run(f"systemctl show -p User --value {unit}").stdout.strip()
-            assert user in ("tightwad", "tightwad-rpc"), (unit, user)
+            assert user == ACCOUNTS[unit], (unit, user)
             uid = group[name].run(f"ps -o uid= -p {_main_pid(group[name], unit)}").stdout.strip()
             assert uid and uid != "0", (unit, uid)
             report = group[name].run(f"systemd-analyze security --no-pager {unit}.service").stdout
@@ -294,7 +371,10 @@ def test_swap_restarts_only_the_coordinator(deployed, models):
     result = tightwad("swap", str(models.draft), "-i", str(inventory))
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "playbooks/swap.yml" in result.stdout
-    with urllib.request.urlopen(f"http://{group['coord'].address}:8090/props", timeout=10) as r:
+    key = group["coord"].run("cat /etc/tightwad/coordinator.key").stdout.strip()
+    request = urllib.request.Request(f"http://{group['coord'].address}:8090/props",
+                                     headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
         props = json.load(r)
     assert Path(props["model_path"]).name == models.draft.name
     assert _main_pid(group["coord"], "tightwad-coordinator") != coordinator
@@ -316,10 +396,11 @@ def test_stop_then_teardown_removes_everything(deployed):
     for name in UNITS:
         host = group[name]
         assert host.run("ls /etc/systemd/system/ | grep -c tightwad", check=False).stdout.strip() == "0"
-        assert host.run("nft list table inet tightwad_rpc", check=False).returncode != 0
+        for table in ("rpc", "coordinator", "drafter"):
+            assert host.run(f"nft list table inet tightwad_{table}", check=False).returncode != 0
         for path in ("/opt/tightwad", "/etc/tightwad", "/var/lib/tightwad"):
             assert host.run(f"test -e {path}", check=False).returncode != 0, (name, path)
-        for account in ("tightwad-rpc", "tightwad"):
+        for account in ("tightwad", *ACCOUNTS.values()):
             assert host.run(f"getent passwd {account}", check=False).returncode != 0
         assert not host.run("pgrep -f 'ggml-rpc-server|llama-server|tightwad.server'",
                             check=False).stdout.strip()

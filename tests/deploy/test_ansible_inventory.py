@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("ansible", reason="ansible-core is not installed")
 
@@ -62,3 +63,26 @@ def test_bad_values_fail_naming_the_key(tmp_path, host_vars, key):
     assert result.returncode != 0
     assert "Validation of arguments failed" in result.stdout and key in result.stdout, \
         result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("where,value,error", [
+    ("all", "change-me", "all.vars.coordinator_api_key: too weak (shorter than 16 characters)"),
+    ("host", "change-me-please-now", "xeon.coordinator_api_key: too weak (a placeholder"),
+    ("host", 12345, "xeon.coordinator_api_key: must be a string"),
+    ("host", "auto", None),
+    ("all", "a-strong-key-of-the-inventory-0123", None),
+])
+def test_the_servers_keys_are_auto_or_strong(where, value, error):
+    """tightwad doctor/start read the inventory with the roles' own rule: a weak key for the
+    coordinator's llama-server is named (never echoed) before a deploy would refuse it."""
+    from tightwad.pool import inventory as inv_mod
+
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    if where == "all":
+        doc["all"]["vars"]["coordinator_api_key"] = value
+    else:
+        doc["all"]["children"]["coordinator"]["hosts"]["xeon"] = {"coordinator_api_key": value}
+    _, errors = inv_mod.parse(doc)
+    found = [e for e in errors if "api_key" in e]
+    assert found == ([] if error is None else [found[0]]) and (error is None or error in found[0])
+    assert not any(str(value) in e for e in found if len(str(value)) > 10)

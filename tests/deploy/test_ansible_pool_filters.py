@@ -103,3 +103,63 @@ def test_split_is_proportional_to_free_memory_in_rpc_order():
         pool.tightwad_tensor_split([0, 0])
     with pytest.raises(pool.AnsibleFilterError, match="none free"):
         pool.tightwad_tensor_split([100, 200])  # below the headroom everywhere
+
+
+def _tiny_gguf(path, n_layer=4, n_embd=64, n_vocab=256):
+    """A GGUF with the shape placement reads (metadata and a tensor table), nothing more."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(n_layer)
+    writer.add_embedding_length(n_embd)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_context_length(4096)
+    writer.add_tensor("token_embd.weight", np.zeros((n_vocab, n_embd), np.float32))
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((n_embd, n_embd), np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", np.zeros((4 * n_embd, n_embd), np.float32))
+    writer.add_tensor("output.weight", np.zeros((n_vocab, n_embd), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_placement_modes_and_the_speed_aware_split(tmp_path):
+    endpoints = pool.tightwad_rpc_endpoints(["rig", "xeon"], HOSTVARS)
+    rpcs = [e["rpc"] for e in endpoints]
+    free = [11800, 7600, 20000]
+    memory = pool.tightwad_tensor_split(free)
+    # An explicit list is taken as given, in inventory order.
+    explicit = pool.tightwad_placement(endpoints, [], split=[3, 1, 0])
+    assert (explicit["tensor_split"], explicit["rpc"], explicit["mode"]) == \
+        ("3,1,0", ",".join(rpcs), "explicit")
+    with pytest.raises(pool.AnsibleFilterError, match="2 numbers for 3 RPC workers"):
+        pool.tightwad_placement(endpoints, [], split=[1, 1])
+    with pytest.raises(pool.AnsibleFilterError, match="use auto"):
+        pool.tightwad_placement(endpoints, free, split="fastest")
+    # memory, and auto without a model or measurements: the memory-proportional rule.
+    for args in ((free, [], "", "auto", 1, "memory"), (free, [], "", "auto", 1, "auto")):
+        got = pool.tightwad_placement(endpoints, *args)
+        assert (got["tensor_split"], got["rpc"], got["mode"]) == (memory, ",".join(rpcs), "memory")
+    model = _tiny_gguf(tmp_path / "m.gguf")
+    unmeasured = pool.tightwad_placement(endpoints, free, [], str(model), 2048, 2, "auto")
+    assert unmeasured["tensor_split"] == memory and "no speed measurement" in \
+        unmeasured["description"]
+    # Measured: the slow CPU device and the busy worker's absence are in the reasoning; the
+    # split is placement.place's, the same doctor prints.
+    measured = [{"rpc": rpcs[0], "layer_ms": 0.4, "rtt_ms": 0.3, "bandwidth_bps": 1e8},
+                {"rpc": rpcs[1], "layer_ms": 0.6, "rtt_ms": 0.3, "bandwidth_bps": 1e8},
+                {"rpc": rpcs[2], "layer_ms": 20.0, "rtt_ms": 0.3, "bandwidth_bps": 1e8}]
+    got = pool.tightwad_placement(endpoints, free, measured, str(model), 2048, 2, "auto")
+    assert got["mode"] == "speed" and got["tensor_split"] == "5,0,0"
+    assert "left out" in got["description"] and rpcs[2] in got["description"]
+    # Stable: the same inputs (kept on the coordinator) give the same split and --rpc order.
+    assert pool.tightwad_placement(endpoints, free, measured, str(model), 2048, 2, "auto") == got
+    busy = [*measured[:2], {"rpc": rpcs[2], "skipped": "busy (serving a coordinator)"}]
+    fallback = pool.tightwad_placement(endpoints, free, busy, str(model), 2048, 2, "auto")
+    assert fallback["tensor_split"] == memory
+    assert "busy (serving a coordinator)" in fallback["description"]

@@ -19,6 +19,7 @@ pytest.importorskip("ansible", reason="ansible-core is not installed")
 from support import REPO
 
 ROLE = REPO / "roles" / "rpc_worker"
+FIREWALL = REPO / "roles" / "pool_firewall"
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
 
 INVENTORY = """\
@@ -40,19 +41,26 @@ RENDER = """\
   gather_facts: false
   vars_files:
     - {defaults}
+    - {fw_defaults}
   tasks:
     - name: Render {{{{ item.src }}}}
       ansible.builtin.template:
-        src: {templates}/{{{{ item.src }}}}
+        src: "{{{{ item.src }}}}"
         dest: "{{{{ out }}}}/{{{{ item.dest }}}}"
         mode: "0644"
       loop:
-        - {{src: tightwad-rpc.service.j2, dest: tightwad-rpc-gpu0.service}}
-        - {{src: tightwad-rpc.plist.j2, dest: com.tightwad.rpc.gpu0.plist}}
-        - {{src: rpc-worker.nft.j2, dest: rpc-worker.nft}}
-        - {{src: tightwad-rpc-firewall.service.j2, dest: tightwad-rpc-firewall.service}}
+        - {{src: {templates}/tightwad-rpc.service.j2, dest: tightwad-rpc-gpu0.service}}
+        - {{src: {templates}/tightwad-rpc.plist.j2, dest: com.tightwad.rpc.gpu0.plist}}
+        - {{src: {fw_templates}/firewall.nft.j2, dest: rpc-worker.nft}}
+        - {{src: {fw_templates}/tightwad-firewall.service.j2, dest: tightwad-rpc-firewall.service}}
       vars:
         _rpc_worker: {{name: gpu0, port: 50053, device: CUDA0}}
+        # What the pool_firewall role (the rpc_worker role's firewall) is called with.
+        _rpc_worker_fw_unit: tightwad-rpc-firewall.service
+        pool_firewall_name: rpc
+        pool_firewall_ports: [50052]
+        pool_firewall_sources: "{{{{ rpc_worker_allowed_sources }}}}"
+        pool_firewall_nftables_file: "{{{{ rpc_worker_nftables_file }}}}"
 """
 
 # The checks alone (include_role would run the llama_cpp dependency first).
@@ -72,8 +80,10 @@ def run_playbook(tmp_path: Path, text: str, *extra: str) -> subprocess.Completed
     (tmp_path / "inventory.yml").write_text(INVENTORY)
     playbook = tmp_path / "play.yml"
     playbook.write_text(text)
-    # The project's ansible.cfg puts the shared filter plugins on the path.
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
+    # The project's ansible.cfg puts the shared filter plugins on the path; the role's own
+    # (the bind guard's inet_addr) are added, as a play running the role would.
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+               ANSIBLE_FILTER_PLUGINS=f"{REPO / 'filter_plugins'}:{ROLE / 'filter_plugins'}")
     cmd = [str(PLAYBOOK_BIN), "-i", str(tmp_path / "inventory.yml"), str(playbook),
            "-e", f"ansible_python_interpreter={sys.executable}", *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -90,7 +100,9 @@ def rendered(tmp_path_factory) -> Path:
     fake.write_text("#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)
     result = run_playbook(tmp, RENDER.format(defaults=ROLE / "defaults" / "main.yml",
-                                             templates=ROLE / "templates"),
+                                             fw_defaults=FIREWALL / "defaults" / "main.yml",
+                                             templates=ROLE / "templates",
+                                             fw_templates=FIREWALL / "templates"),
                           "-e", f"out={out}", "-e", f"rpc_worker_bin_dir={bin_dir}")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     return out
@@ -103,6 +115,9 @@ def test_unit_binds_the_pool_address_with_cache_and_hardening(rendered):
     assert exec_start.endswith(
         "/ggml-rpc-server --host 10.77.0.12 --port 50053 --device CUDA0 --cache")
     assert "0.0.0.0" not in unit
+    # Fail closed: no worker without its firewall (a failed `nft -f` keeps it down).
+    assert "Requires=tightwad-rpc-firewall.service" in unit.splitlines()
+    assert "After=tightwad-rpc-firewall.service" in unit.splitlines()
     for line in ("User=tightwad-rpc", "NoNewPrivileges=yes", "ProtectSystem=strict",
                  "Restart=on-failure", "CacheDirectory=tightwad-rpc/gpu0",
                  "Environment=LLAMA_CACHE=/var/cache/tightwad-rpc/gpu0"):
@@ -133,8 +148,13 @@ def test_launchd_plist_parses(rendered):
 
 def test_nftables_rules_admit_only_the_coordinator(rendered):
     rules = (rendered / "rpc-worker.nft").read_text()
+    assert "table inet tightwad_rpc {" in rules and "delete table inet tightwad_rpc" in rules
     assert "ip saddr { 10.77.0.13 } tcp dport { 50052 } accept" in rules
-    assert "tcp dport { 50052 } drop" in rules
+    assert 'iif "lo" tcp dport { 50052 } accept' in rules
+    assert rules.index("accept") < rules.index("tcp dport { 50052 } drop")
+    unit = (rendered / "tightwad-rpc-firewall.service").read_text()
+    assert "ExecStart=/usr/sbin/nft -f /etc/tightwad/rpc-worker.nft" in unit
+    assert "ExecStop=/usr/sbin/nft delete table inet tightwad_rpc" in unit
     if shutil.which("nft") and os.geteuid() == 0:
         result = subprocess.run(["nft", "-c", "-f", str(rendered / "rpc-worker.nft")],
                                 capture_output=True, text=True, timeout=60)
@@ -143,7 +163,16 @@ def test_nftables_rules_admit_only_the_coordinator(rendered):
 
 @pytest.mark.parametrize("extra,needle", [
     ({"rpc_worker_bind_address": "0.0.0.0"}, "rpc_worker_allow_any_address=true"),
+    # What inet_addr (the worker's parser) reads as every interface, whatever the spelling.
+    ({"rpc_worker_bind_address": "0"}, "rpc_worker_allow_any_address=true"),
+    ({"rpc_worker_bind_address": "0.0"}, "rpc_worker_allow_any_address=true"),
+    ({"rpc_worker_bind_address": "000.0.0.0"}, "rpc_worker_allow_any_address=true"),
+    # The worker binds IPv4 only: an IPv6 pool address would restart forever.
+    ({"rpc_worker_bind_address": "fd00::12"}, "binds IPv4 only"),
+    ({"rpc_worker_bind_address": "::"}, "binds IPv4 only"),
     ({"rpc_worker_bind_address": "rig.local"}, "tightwad_pool_address"),
+    ({"rpc_worker_bind_address": "10.0.0.1 10.0.0.2"}, "tightwad_pool_address"),
+    ({"rpc_worker_bind_address": "255.255.255.255"}, "tightwad_pool_address"),
     ({"rpc_worker_instances": [{"name": "a", "port": 1}, {"name": "b", "port": 1}]}, "unique"),
     ({"rpc_worker_coordinator_group": "nobody"}, "no coordinator address"),
 ])

@@ -5,6 +5,7 @@ real on systemd hosts; these catch template mistakes in seconds."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ from support import REPO
 
 ROLES = REPO / "roles"
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
+COORDINATOR_KEY = "coordinator-key-from-the-inventory"
+DRAFTER_KEY = "generated-on-the-drafter-host-0123"
 
 INVENTORY = """\
 all:
@@ -33,7 +36,7 @@ all:
     coordinator:
       hosts:
         coord: {ansible_host: 10.77.0.13, ansible_connection: local, coordinator_parallel: 3,
-                coordinator_api_key: coord-key}
+                coordinator_api_key: coordinator-key-from-the-inventory}
     drafters:
       hosts:
         junk: {ansible_host: 10.77.0.14, drafter_port: 9091}
@@ -53,6 +56,8 @@ RENDER = """\
     - {roles}/proxy/vars/main.yml
   vars:
     llama_cpp_detected: {{backend: cpu}}
+    # What keys.yml reads from the drafter's host (its drafter_api_key is auto).
+    _proxy_drafter_key_read: {{content: "{drafter_key_b64}"}}
     ansible_facts: {{python: {{version: {{major: 3, minor: 11}}, executable: /usr/bin/python3}},
                     architecture: x86_64, memtotal_mb: 4096}}
   tasks:
@@ -65,8 +70,20 @@ RENDER = """\
         llama_server_name: coordinator
         llama_server_model: /models/big.gguf
         llama_server_draft_model: /models/small.gguf
-        llama_server_api_key: coord-key
+        llama_server_api_key: coordinator-key-from-the-inventory
         llama_server_args: [--rpc, "10.77.0.11:50052,10.77.0.12:50052", --tensor-split, "3,1"]
+        # What the pool_firewall role reports for an nftables host.
+        _llama_server_fw_unit: tightwad-coordinator-firewall.service
+    - name: Render the coordinator's firewall unit (its unit Requires= it)
+      ansible.builtin.template:
+        src: {roles}/pool_firewall/templates/tightwad-firewall.service.j2
+        dest: "{{{{ out }}}}/tightwad-coordinator-firewall.service"
+        mode: "0644"
+      vars:
+        pool_firewall_name: coordinator
+        pool_firewall_ports: [8090]
+        pool_firewall_sources: [10.77.0.13]
+        pool_firewall_nftables_file: /etc/tightwad/firewall-coordinator.nft
     - name: Render the proxy's unit and config
       ansible.builtin.template:
         src: {roles}/proxy/templates/{{{{ item.src }}}}
@@ -89,7 +106,8 @@ def rendered(tmp_path_factory) -> Path:
         path.write_text("#!/bin/sh\nexit 0\n")
         path.chmod(0o755)
     (tmp / "inventory.yml").write_text(INVENTORY)
-    (tmp / "play.yml").write_text(RENDER.format(roles=ROLES))
+    (tmp / "play.yml").write_text(RENDER.format(
+        roles=ROLES, drafter_key_b64=base64.b64encode(DRAFTER_KEY.encode() + b"\n").decode()))
     env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
     result = subprocess.run(
         [str(PLAYBOOK_BIN), "-i", str(tmp / "inventory.yml"), str(tmp / "play.yml"),
@@ -113,10 +131,19 @@ def test_coordinator_unit_runs_the_pool_without_secrets_on_the_command_line(rend
                  "--parallel 4", "--n-gpu-layers 999",
                  "--spec-type draft-simple --spec-draft-model /var/lib/tightwad/models/small.gguf",
                  "--api-key-file /etc/tightwad/coordinator.key",
+                 # /slots and the web UI are off unless asked for.
+                 "--no-slots --no-webui",
                  "--rpc 10.77.0.11:50052,10.77.0.12:50052 --tensor-split 3,1"):
         assert part in exec_start, part
-    assert "coord-key" not in unit
-    for line in ("User=tightwad", "NoNewPrivileges=yes", "ProtectSystem=strict",
+    assert COORDINATOR_KEY not in unit and "--api-key " not in exec_start
+    # Fail closed: not without the rules that admit only the proxy.
+    assert "Requires=tightwad-coordinator-firewall.service" in unit.splitlines()
+    assert "After=tightwad-coordinator-firewall.service" in unit.splitlines()
+    assert "--slots" not in exec_start.replace("--no-slots", "")
+    # Its own account, not the proxy's: it cannot read the proxy's token.
+    for line in ("User=tightwad-coordinator", "Group=tightwad-coordinator",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "UnsetEnvironment=LLAMA_SERVER_SLOTS_DEBUG",
                  "Restart=on-failure", "StartLimitIntervalSec=0", "PrivateDevices=yes"):
         assert line in unit.splitlines(), line
 
@@ -125,8 +152,12 @@ def test_proxy_config_is_accepted_by_the_proxy_and_points_at_the_pool(rendered):
     config = yaml.safe_load((rendered / "proxy.yml").read_text())
     assert config["listen"] == {"host": "10.77.0.13", "port": 8088}
     assert config["auth"] == {"token": "s3cret-token-for-tests"}
-    assert config["target"] == {"url": "http://10.77.0.13:8090", "slots": 3, "api_key": "coord-key"}
-    assert config["drafter"] == {"url": "http://10.77.0.14:9091", "slots": 4}
+    # Both upstream keys: the coordinator's from the inventory, the drafter's generated on its
+    # host (without it the drafter answers 401 and speculation silently stops).
+    assert config["target"] == {"url": "http://10.77.0.13:8090", "slots": 3,
+                                "api_key": COORDINATOR_KEY}
+    assert config["drafter"] == {"url": "http://10.77.0.14:9091", "slots": 4,
+                                 "api_key": DRAFTER_KEY}
     assert config["speculation"]["mode"] == "remote" and config["speculation"]["k_max"] == 16
     check = subprocess.run([sys.executable, "-m", "tightwad.server", "--check", "--config",
                             str(rendered / "proxy.yml")], capture_output=True, text=True,
@@ -144,8 +175,9 @@ def test_proxy_config_is_accepted_by_the_proxy_and_points_at_the_pool(rendered):
 def test_proxy_unit_is_hardened(rendered):
     unit = (rendered / "tightwad-proxy.service").read_text()
     assert _exec_start(unit).endswith("/bin/python -m tightwad.server --config /etc/tightwad/proxy.yml")
-    for line in ("User=tightwad", "MemoryDenyWriteExecute=yes", "SystemCallFilter=@system-service",
-                 "ProtectSystem=strict", "CapabilityBoundingSet="):
+    for line in ("User=tightwad-proxy", "Group=tightwad-proxy", "MemoryDenyWriteExecute=yes",
+                 "SystemCallFilter=@system-service", "ProtectSystem=strict",
+                 "CapabilityBoundingSet=", "MemoryMax=2G", "LimitNOFILE=16384", "TasksMax=256"):
         assert line in unit.splitlines(), line
 
 
@@ -160,7 +192,7 @@ def test_systemd_analyze_verify_accepts_the_units(rendered, name):
 
 
 @pytest.mark.parametrize("role", ["llama_cpp", "rpc_worker", "coordinator", "drafter", "proxy",
-                                  "llama_server"])
+                                  "llama_server", "pool_firewall"])
 def test_every_role_passes_syntax_check(tmp_path, role):
     playbook = tmp_path / "syntax.yml"
     playbook.write_text(f"- name: Syntax\n  hosts: all\n  roles:\n    - role: {role}\n")

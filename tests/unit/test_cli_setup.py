@@ -131,12 +131,12 @@ def test_strong_tokens_pass() -> None:
 
 
 def test_the_roles_filter_applies_the_same_rule() -> None:
-    path = REPO / "roles/proxy/filter_plugins/tightwad_token.py"
-    spec = importlib.util.spec_from_file_location("tightwad_token_filter", path)
+    path = REPO / "filter_plugins/tightwad_pool.py"
+    spec = importlib.util.spec_from_file_location("tightwad_pool_filters", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    weakness = module.FilterModule().filters()["tightwad_token_weakness"]
+    weakness = module.FilterModule().filters()["tightwad_secret_weakness"]
     assert weakness("change-me") == token_weakness("change-me") != ""
     assert weakness(STRONG) == ""
 

@@ -23,7 +23,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "config": frozenset({"defaults"}),
     "llamaserver": frozenset({"decoding"}),
     "engine": frozenset({"decoding", "llamaserver", "config", "defaults"}),
-    "server": frozenset({"engine", "decoding", "llamaserver", "config", "defaults"}),
+    "server": frozenset({"engine", "pool", "decoding", "llamaserver", "config", "defaults"}),
     "pool": frozenset({"llamaserver", "decoding", "build", "config", "defaults"}),
     "cli": frozenset({"pool", "server", "llamaserver", "decoding", "build", "config", "defaults"}),
     "__init__": frozenset(),

@@ -304,7 +304,7 @@ def check_versions(view: PoolView, facts: Facts) -> list[Check]:
                   f"{len(seen)} probe(s){note}")]
 
 
-def _tcp_rtt(host: str, port: int, samples: int = 3, timeout: float = 1.0) -> float | None:
+def tcp_rtt(host: str, port: int, samples: int = 3, timeout: float = 1.0) -> float | None:
     """Median TCP handshake time to a port that is not a worker's (SSH, or a closed port
     answering with a reset), so a busy worker's backlog is left alone."""
     times = []
@@ -345,7 +345,7 @@ def check_workers(view: PoolView, facts: Facts) -> list[Check]:
             else:
                 out.append(Check(name, OK, msg))
         elif isinstance(result, rpcproto.Busy):
-            ssh_rtt = _tcp_rtt(worker.host, 22) if not is_loopback(worker.host) else None
+            ssh_rtt = tcp_rtt(worker.host, 22) if not is_loopback(worker.host) else None
             rtt_s = f", RTT {ssh_rtt * 1000:.2f} ms" if ssh_rtt is not None else ""
             if facts.coordinator_healthy:
                 out.append(Check(name, OK, f"{where} busy serving the coordinator{rtt_s}"))

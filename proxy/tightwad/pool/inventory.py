@@ -7,7 +7,7 @@ The shape is the contract with the Ansible roles (see docs/cli.md):
       children:
         rpc_workers: {hosts: {NAME: {ansible_host, tightwad_pool_address,
                                      rpc_worker_instances: [{name, port, device?, threads?}]}}}
-        coordinator: {hosts: {NAME: {ansible_host, coordinator_tensor_split?: auto | [numbers]}}}
+        coordinator: {hosts: {NAME: {ansible_host, coordinator_tensor_split?: auto | memory | [numbers]}}}
         drafters:    {hosts: {NAME: {...}}}
         proxy:       {hosts: {NAME: {...}}}
 
@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from tightwad import defaults
+from tightwad.config import token_weakness
 
 GROUPS = ("rpc_workers", "coordinator", "drafters", "proxy")
 COORDINATOR_PORT = defaults.COORDINATOR_PORT
@@ -217,6 +218,22 @@ def _port_ok(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
 
 
+def _api_key_errors(where: str, scope: dict[str, Any]) -> list[str]:
+    """The coordinator's and drafter's keys: "auto" (the roles generate one on the host), or
+    a key strong enough for a port on the network (the proxy token's rule); never echoed."""
+    errors = []
+    for key in ("coordinator_api_key", "drafter_api_key"):
+        if key not in scope or scope[key] in ("auto", ""):
+            continue  # "": the role allows no key on a loopback bind only, and says so
+        value = scope[key]
+        if not isinstance(value, str):
+            errors.append(f"{where}.{key}: must be a string (or auto)")
+        elif weakness := token_weakness(value):
+            errors.append(f"{where}.{key}: too weak ({weakness}); leave it out (auto: the "
+                          "deploy generates one on the host) or use a strong key")
+    return errors
+
+
 def validate(inv: Inventory) -> list[str]:
     """Schema errors: what the roles and the CLI need, each naming the offending key."""
     errors: list[str] = []
@@ -269,6 +286,9 @@ def validate(inv: Inventory) -> list[str]:
                                            and entry["threads"] > 0):
                 errors.append(f"{at}.threads: must be a positive integer")
             n_instances += 1
+    for where, scope in [("all.vars", inv.vars),
+                         *((name, host.vars) for name, host in inv.hosts.items())]:
+        errors += _api_key_errors(where, scope)
     for name, host in inv.hosts.items():
         for key in ("ansible_host", "tightwad_pool_address"):
             value = host.vars.get(key)
@@ -284,13 +304,14 @@ def validate(inv: Inventory) -> list[str]:
                 errors.append(f"{name}.{key}: must be auto or a positive integer")
     if coordinators:
         split = inv.hosts[coordinators[0]].vars.get("coordinator_tensor_split")
-        if split is not None and split != "auto":
+        if split is not None and split not in ("auto", "memory"):
             at = f"coordinator.hosts.{coordinators[0]}.coordinator_tensor_split"
             if (not isinstance(split, list) or not split
                     or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                and x >= 0 for x in split)
                     or sum(split) <= 0):
-                errors.append(f"{at}: must be a list of non-negative numbers with a positive sum")
+                errors.append(f"{at}: must be auto, memory, or a list of non-negative numbers "
+                              "with a positive sum")
             elif n_instances and len(split) < n_instances:
                 errors.append(f"{at}: {len(split)} entries for {n_instances} RPC workers "
                               "(one per worker, in inventory order, then local devices)")

@@ -23,7 +23,6 @@ import asyncio
 import json
 import math
 import os
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from tightwad.engine.engine import Engine
 from tightwad.llamaserver import wire
 from tightwad.llamaserver.client import LlamaClient
 from tightwad.llamaserver.layers import layer_devices
+from tightwad.pool.checks import tcp_rtt
 
 STATIC = Path(__file__).parent / "static"
 POOL_STATE_ENV = "TIGHTWAD_POOL_STATE"
@@ -234,22 +234,6 @@ def _running(pid: int) -> bool:
         return True
 
 
-def tcp_rtt(host: str, port: int = 22, samples: int = 3, timeout: float = 1.0) -> float | None:
-    """Median TCP handshake time to ``host`` (a refused connect is one round trip too)."""
-    times = []
-    for _ in range(samples):
-        started = time.monotonic()
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                pass
-        except ConnectionRefusedError:
-            pass
-        except OSError:
-            return None
-        times.append(time.monotonic() - started)
-    return sorted(times)[len(times) // 2]
-
-
 @dataclass
 class Dashboard:
     """The picture's sources and caches: health clients, the pool's logs, link timings."""
@@ -289,7 +273,7 @@ class Dashboard:
         if state.get("link"):  # emulated: a handshake on this host would say nothing
             hosts = []
         if now - self._links[0] >= LINK_EVERY_S:
-            timed = await asyncio.gather(*(asyncio.to_thread(tcp_rtt, h) for h in hosts))
+            timed = await asyncio.gather(*(asyncio.to_thread(tcp_rtt, h, 22) for h in hosts))
             self._links = (now, dict(zip(hosts, timed)))
         return pool_view(state, self._logs[1], self._logs[2], _running, self._links[1])
 
