@@ -51,7 +51,11 @@ def test_pool_bench_smoke(tmp_path: Path, bin_dir: Path) -> None:
     assert rows[("b", "-")]["vs_b"] == 1.0
     assert rows[("a", "-")]["rpc_round_trips_per_token"] == 0
     assert rows[("b", "-")]["rpc_round_trips_per_token"] > 0
-    for key in (("c", "2"), ("d", "2"), ("d", "adaptive")):
+    adaptive = rows[("d", "adaptive")]
+    assert adaptive["tokens_per_round"] >= 1
+    # The adaptive rule may judge, on a loaded machine and a link-free pool, that no draft pays
+    # and run target-only bursts throughout: then it has no acceptance to compare.
+    for key in (("c", "2"), ("d", "2")) + ((("d", "adaptive"),) if adaptive["drafted"] else ()):
         row = rows[key]
         assert 0 <= row["acceptance"] <= 1 and row["tokens_per_round"] >= 1
         assert row["predicted_speedup"] > 0
