@@ -89,3 +89,29 @@ class FakeWorker:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def tiny_gguf(path: Path, n_layer: int = 8, n_embd: int = 256, n_vocab: int = 512,
+              n_ff: int | None = None, dtype: str = "float16") -> Path:
+    """A GGUF with the shape placement and the probe read (metadata, embeddings, two tensors per
+    block, the output matrix; all zeros), nothing a server could run."""
+    import gguf
+    import numpy as np
+
+    kind = np.dtype(dtype)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(n_layer)
+    writer.add_embedding_length(n_embd)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_context_length(4096)
+    writer.add_tensor("token_embd.weight", np.zeros((n_vocab, n_embd), kind))
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((n_embd, n_embd), kind))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", np.zeros((n_ff or 2 * n_embd, n_embd), kind))
+    writer.add_tensor("output.weight", np.zeros((n_vocab, n_embd), kind))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

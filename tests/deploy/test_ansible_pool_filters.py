@@ -9,7 +9,7 @@ import importlib.util
 
 import pytest
 
-from support import REPO
+from support import REPO, tiny_gguf
 from tightwad import defaults
 from tightwad.pool import placement
 
@@ -107,25 +107,7 @@ def test_split_is_proportional_to_free_memory_in_rpc_order():
 
 def _tiny_gguf(path, n_layer=4, n_embd=64, n_vocab=256):
     """A GGUF with the shape placement reads (metadata and a tensor table), nothing more."""
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(n_layer)
-    writer.add_embedding_length(n_embd)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(4)
-    writer.add_context_length(4096)
-    writer.add_tensor("token_embd.weight", np.zeros((n_vocab, n_embd), np.float32))
-    for i in range(n_layer):
-        writer.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((n_embd, n_embd), np.float32))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", np.zeros((4 * n_embd, n_embd), np.float32))
-    writer.add_tensor("output.weight", np.zeros((n_vocab, n_embd), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return tiny_gguf(path, n_layer, n_embd, n_vocab, n_ff=4 * n_embd, dtype="float32")
 
 
 def test_placement_modes_and_the_speed_aware_split(tmp_path):

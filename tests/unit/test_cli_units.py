@@ -316,3 +316,23 @@ def test_doctor_before_the_first_start_warns_instead_of_failing() -> None:
     assert not facts.nothing_running
     checks = doctor.check_workers(_lan_view(), facts)
     assert checks[0].status == doctor.FAIL and "unreachable" in checks[0].message
+
+
+def test_doctor_refuses_the_example_inventorys_placeholder_token(tmp_path: Path) -> None:
+    """doctor judges the proxy token by the proxy's own rule: the example's ``change-me`` on a
+    LAN bind is red, as the proxy would refuse to start with it; a strong one is green."""
+    from support import REPO
+    from tightwad.cli import doctor as doctor_cli
+
+    example = REPO / "inventory" / "example" / "hosts.yml"
+    [check] = doctor.check_proxy_auth(doctor_cli.view_from_inventory(example, tmp_path),
+                                      doctor.Facts())
+    assert check.status == doctor.FAIL and "weak token: shorter than 16" in check.message
+    assert check.fix
+    data = yaml.safe_load(example.read_text())
+    data["all"]["vars"]["tightwad_proxy_token"] = "kq3-Vx8_pL2mZ7rT9wY4-strong"
+    strong = tmp_path / "hosts.yml"
+    strong.write_text(yaml.safe_dump(data))
+    [check] = doctor.check_proxy_auth(doctor_cli.view_from_inventory(strong, tmp_path),
+                                      doctor.Facts())
+    assert check.status == doctor.OK and "token" in check.message

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 
+from support import tiny_gguf
 from tightwad.pool import checks, placement, probe, rpcproto
 from tightwad.pool.gguf_info import read_info
 
@@ -17,21 +16,7 @@ GiB = placement.GiB
 
 
 def _model(path: Path, n_layer: int = 8, n_embd: int = 256, n_vocab: int = 512) -> Path:
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(n_layer)
-    writer.add_embedding_length(n_embd)
-    writer.add_head_count(4)
-    writer.add_context_length(4096)
-    writer.add_tensor("token_embd.weight", np.zeros((n_vocab, n_embd), np.float16))
-    for i in range(n_layer):
-        writer.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((n_embd, n_embd), np.float16))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", np.zeros((2 * n_embd, n_embd), np.float16))
-    writer.add_tensor("output.weight", np.zeros((n_vocab, n_embd), np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return tiny_gguf(path, n_layer, n_embd, n_vocab)
 
 
 def _hello(port: int, free: int, rtt_s: float = 0.0002) -> rpcproto.Hello:

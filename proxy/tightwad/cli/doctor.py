@@ -21,6 +21,7 @@ from tightwad.cli.common import (
     unit_states,
     units_by_host,
 )
+from tightwad.config import token_weakness
 from tightwad.pool import checks, localpool
 from tightwad.pool import inventory as inv_mod
 
@@ -86,6 +87,7 @@ def view_from_inventory(path: Path, bin_dir: Path | None) -> checks.PoolView:
                                      host.port("proxy_port", inv_mod.PROXY_PORT))
         token = host.vars.get("proxy_token") or inventory.proxy_token
         view.proxy_token = bool(token)
+        view.proxy_token_weakness = token_weakness(str(token)) if token else None
         # The role's default: the pool address with a token, else loopback.
         view.proxy_bind = host.vars.get("proxy_bind_address") or (
             host.pool_address if token else "127.0.0.1")

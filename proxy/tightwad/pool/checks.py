@@ -70,6 +70,8 @@ class PoolView:
     proxy: Endpoint | None = None
     proxy_bind: str | None = None
     proxy_token: bool = False
+    proxy_token_weakness: str | None = None
+    """Why the inventory's proxy token is too weak (``tightwad.config.token_weakness``)."""
     model: Path | None = None
     draft: Path | None = None
     ctx: int | None = None
@@ -536,8 +538,14 @@ def check_proxy_auth(view: PoolView, facts: Facts) -> list[Check]:
     if is_loopback(bind):
         return [Check("proxy auth", OK, f"binds {bind} (loopback only)"
                       + ("; token set" if view.proxy_token else ""))]
-    if view.proxy_token:
+    weakness = view.proxy_token_weakness if view.proxy_token else None
+    if view.proxy_token and not weakness:
         return [Check("proxy auth", OK, f"binds {bind}; clients need the token")]
+    if weakness:
+        return [Check("proxy auth", FAIL, f"binds {bind} (off loopback) with a weak token: "
+                      f"{weakness} (and the proxy refuses to start like this)",
+                      "set all.vars.tightwad_proxy_token to a strong one (e.g. `openssl rand "
+                      "-hex 24`)")]
     return [Check("proxy auth", FAIL, f"binds {bind} (off loopback) without a token: anyone on "
                   "the network can use the pool (and the proxy refuses to start like this)",
                   "set all.vars.tightwad_proxy_token (e.g. `openssl rand -hex 24`), or bind "
