@@ -19,6 +19,9 @@ controller's Ansible runs with (docs/deploy.md, "What you need"): the split in
   CPU device).
 - ``*_ctx_size: auto`` is ``tightwad.pool.context``'s choice for the model file on the controller,
   the slots and the memory the deploy measured (or the host's RAM).
+- The pool's description (``tightwad_pool_description``, written by the coordinator role, read
+  by the proxy's dashboard: ``tightwad.server.dashboard.deployed_pool_view``): the workers in
+  ``--rpc`` order, the applied split, the model's layer count, the probe's measurements.
 """
 
 from __future__ import annotations
@@ -228,6 +231,40 @@ def tightwad_ctx_size(model: str, slots, free_mib, name: str = "coordinator",
             "limit": choice.limit, "warning": choice.warning, "message": choice.message}
 
 
+def tightwad_pool_description(endpoints, placement: dict, model_file: str = "", model: str = "",
+                              draft: str = "", gpu_layers=999, split_setting="auto",
+                              free_mib=None, measurements=None, coordinator: str = "") -> dict:
+    """What the proxy's dashboard draws a deployed pool from (no secrets): the workers
+    ``endpoints`` (inventory order, with their ``free_mib``) listed in the order of
+    ``placement``'s ``--rpc`` (``tightwad_placement``), the applied ``--tensor-split``, the
+    layer count of the GGUF ``model_file`` on the controller (None without one), the model's and
+    draft's file names, ``-ngl`` and, with ``split_setting`` auto, the probe's
+    ``measurements`` (link round trip and bandwidth per worker)."""
+    endpoints = list(endpoints or [])
+    free = list(free_mib or [])
+    by_rpc = {e["rpc"]: (e, free[i] if i < len(free) else None) for i, e in enumerate(endpoints)}
+    rpcs = [r for r in str(placement.get("rpc", "")).split(",") if r]
+    if sorted(rpcs) != sorted(by_rpc):
+        raise AnsibleFilterError(f"tightwad_pool_description: --rpc {','.join(rpcs)} is not the "
+                                 f"workers {', '.join(by_rpc)}")
+    n_layer = None
+    if model_file:
+        try:
+            n_layer = int(read_info(model_file).arch_value("block_count", 0)) or None
+        except GGUFError as exc:
+            raise AnsibleFilterError(f"tightwad_pool_description: {exc}") from None
+    workers = [{"rpc": r, "host": by_rpc[r][0]["host"], "instance": by_rpc[r][0]["name"],
+                "device": by_rpc[r][0].get("device", ""),
+                "free_mib": None if by_rpc[r][1] is None else int(by_rpc[r][1])} for r in rpcs]
+    return {"version": 1, "coordinator": coordinator, "model": model, "draft": draft or None,
+            "n_layer": n_layer, "gpu_layers": int(gpu_layers), "rpc": ",".join(rpcs),
+            "tensor_split": str(placement.get("tensor_split", "")),
+            "split": split_setting if isinstance(split_setting, str) else "explicit",
+            "placement": placement.get("description", ""), "workers": workers,
+            "measurements": [dict(m) for m in measurements or [] if isinstance(m, dict)]
+            if split_setting == "auto" else []}
+
+
 def tightwad_secret_weakness(secret: object) -> str:
     """Why a key or token is too weak to guard a port on the network ("" when it is fine), by
     the proxy's own rule, so a preflight refuses what the proxy itself would refuse."""
@@ -244,4 +281,5 @@ class FilterModule:
                 "tightwad_free_mib": tightwad_free_mib,
                 "tightwad_tensor_split": tightwad_tensor_split,
                 "tightwad_placement": tightwad_placement,
-                "tightwad_ctx_size": tightwad_ctx_size}
+                "tightwad_ctx_size": tightwad_ctx_size,
+                "tightwad_pool_description": tightwad_pool_description}

@@ -239,6 +239,25 @@ class LimitsConfig(_Section):
         return self
 
 
+class DashboardConfig(_Section):
+    """What the dashboard (``/dashboard``) draws beside the proxy's own numbers."""
+
+    pool_file: str | None = Field(None, description=(
+        "A deployed pool's description (JSON the coordinator role writes and the proxy role "
+        "copies to the proxy's host): the workers in --rpc order, the applied --tensor-split, "
+        "the model's layer count and the deploy-time link measurements, from which the page "
+        "draws each worker, its layers and its link. None: no deployed pool (a local pool's "
+        "proxy gets its state file from tightwad start --local instead)."))
+
+    @field_validator("pool_file")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.isabs(value):
+            raise ValueError("expected an absolute path such as /etc/tightwad/proxy-pool.json, "
+                             "or null")
+        return value
+
+
 class Config(_Section):
     """The whole proxy configuration."""
 
@@ -248,6 +267,7 @@ class Config(_Section):
     drafter: DrafterConfig = Field(default_factory=DrafterConfig)
     speculation: SpeculationConfig = Field(default_factory=SpeculationConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
 
 
 def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:

@@ -207,6 +207,53 @@ def test_completion_through_the_proxy(deployed):
     assert config == "2", config
 
 
+def test_dashboard_shows_the_deployed_pool(deployed, models):
+    """The proxy's dashboard draws the deployed pool from the description the coordinator role
+    wrote and the proxy role copied: both workers in the coordinator's --rpc order, their layers
+    as llama.cpp assigns them under the --tensor-split the coordinator runs with (together with
+    the coordinator's own, every layer once), the link's round trip timed from the proxy's host,
+    health from the coordinator's."""
+    from tightwad.pool.gguf_info import read_info
+
+    group, _, _, _ = deployed
+    coord = group["coord"]
+    request = urllib.request.Request(f"http://{coord.address}:8088/tightwad/dashboard.json",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        picture = json.load(resp)
+    pool = picture["pool"]
+    assert pool and not pool.get("error") and pool.get("kind") == "deployed", pool
+    cmdline = coord.run("systemctl show -p ExecStart --value tightwad-coordinator").stdout.split()
+    rpc = cmdline[cmdline.index("--rpc") + 1].split(",")
+    split = [float(x) for x in cmdline[cmdline.index("--tensor-split") + 1].split(",")]
+    by_address = {f"{group[n].address}:50052": n for n in GROUPS["rpc_workers"]}
+    assert [w["name"] for w in pool["workers"]] == [by_address[r] for r in rpc]
+    assert sorted(w["name"] for w in pool["workers"]) == ["w1", "w2"]
+    assert [w["endpoint"] for w in pool["workers"]] == rpc
+    n_layer = read_info(models.target).arch_value("block_count")
+    assert pool["n_layers"] == n_layer + 1, pool
+    counts, output = placement.layers_from_split(split, n_layer)
+    held = []
+    for i, worker in enumerate(pool["workers"]):
+        layers = [il for a, b in worker["layers"] for il in range(a, b + 1)]
+        assert len([il for il in layers if il < n_layer]) == counts[i], (worker, counts)
+        assert (n_layer in layers) == (i == output)
+        held += layers
+        assert worker["healthy"] and "coordinator" in worker["health_note"]
+        assert isinstance(worker["link"]["rtt_ms"], float) and worker["link"]["rtt_ms"] > 0, worker
+        # A memory split: the probe did not run, and the page says so.
+        assert worker["link"]["bandwidth_mbps"] is None and "auto" in worker["link"]["note"]
+    held += [il for runs in pool["coordinator_layers"].values() for a, b in runs
+             for il in range(a, b + 1)]
+    assert sorted(held) == list(range(n_layer + 1))
+    assert not [p for p in picture["problems"] if p["where"] in ("pool", "w1", "w2")]
+    # The description: written by the coordinator role, copied for the proxy's account.
+    written = coord.run("cat /etc/tightwad/pool.json").stdout
+    copied = coord.run("runuser -u tightwad-proxy -- cat /etc/tightwad/proxy-pool.json").stdout
+    assert json.loads(copied) == json.loads(written) and "api_key" not in written
+    assert coord.run("grep -c pool_file /etc/tightwad/proxy.yml").stdout.strip() == "1"
+
+
 def test_second_run_and_check_mode_change_nothing(deployed):
     _, play, _, _ = deployed
     again = play()

@@ -6,6 +6,7 @@ real on systemd hosts; these catch template mistakes in seconds."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -159,6 +160,8 @@ def test_proxy_config_is_accepted_by_the_proxy_and_points_at_the_pool(rendered):
     assert config["drafter"] == {"url": "http://10.77.0.14:9091", "slots": 4,
                                  "api_key": DRAFTER_KEY}
     assert config["speculation"]["mode"] == "remote" and config["speculation"]["k_max"] == 16
+    # The dashboard draws the deployed pool from the description the role copies here.
+    assert config["dashboard"] == {"pool_file": "/etc/tightwad/proxy-pool.json"}
     check = subprocess.run([sys.executable, "-m", "tightwad.server", "--check", "--config",
                             str(rendered / "proxy.yml")], capture_output=True, text=True,
                            timeout=60)
@@ -201,3 +204,71 @@ def test_every_role_passes_syntax_check(tmp_path, role):
                              str(playbook)], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+DESCRIBE = """\
+- name: Describe the pool as the coordinator role does
+  hosts: coord
+  gather_facts: false
+  vars_files:
+    - {roles}/coordinator/defaults/main.yml
+    - {roles}/coordinator/vars/main.yml
+  tasks:
+    - name: Run the role's description tasks
+      ansible.builtin.import_tasks: {roles}/coordinator/tasks/describe.yml
+"""
+
+
+@pytest.mark.parametrize("split,free_mib", [([3, 1, 2], None), ("memory", [3000, 1000, 2000])])
+def test_coordinator_describes_the_pool_it_runs(tmp_path, models, split, free_mib):
+    """The coordinator role's description (roles/coordinator/tasks/describe.yml) run on this
+    machine: the workers in --rpc order, the split the role applies, the layer count of the
+    model; what the proxy's dashboard draws, covering every layer. A rerun and a check-mode run
+    change nothing."""
+    from tightwad.pool import placement
+    from tightwad.pool.gguf_info import read_info
+    from tightwad.server import dashboard
+
+    pool_file = tmp_path / "etc" / "pool.json"
+    (tmp_path / "inventory.yml").write_text(INVENTORY)
+    (tmp_path / "play.yml").write_text(DESCRIBE.format(roles=ROLES))
+    extra = {"coordinator_pool_file": str(pool_file), "coordinator_model": str(models.target),
+             "coordinator_tensor_split": split}
+    if free_mib is not None:  # what split.yml measures on the workers
+        extra["_coordinator_free_mib"] = free_mib
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
+
+    def play(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(PLAYBOOK_BIN), "-i", str(tmp_path / "inventory.yml"), str(tmp_path / "play.yml"),
+             "-e", f"ansible_python_interpreter={sys.executable}",
+             "-e", f"@{tmp_path / 'extra.json'}", *args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    check = play("--check")  # before the first run: nothing written
+    assert check.returncode == 0, check.stdout[-4000:]
+    assert not pool_file.exists()
+    first = play()
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    assert "changed=2" in first.stdout  # the directory and the file
+    assert oct(pool_file.stat().st_mode & 0o777) == "0o644"
+    description = json.loads(pool_file.read_text())
+    rpcs = ["10.77.0.11:50052", "10.77.0.12:50052", "10.77.0.12:50053"]
+    assert description["rpc"] == ",".join(rpcs)
+    assert [(w["host"], w["instance"]) for w in description["workers"]] == [
+        ("w1", "main"), ("w2", "a"), ("w2", "b")]
+    assert description["n_layer"] == read_info(models.target).arch_value("block_count")
+    assert description["model"] == models.target.name and description["coordinator"] == "coord"
+    assert description["measurements"] == [] and COORDINATOR_KEY not in pool_file.read_text()
+    if split == "memory":
+        assert description["tensor_split"] == placement.format_split(
+            placement.propose_split([v * placement.MiB for v in free_mib]))
+        assert [w["free_mib"] for w in description["workers"]] == free_mib
+    else:
+        assert description["tensor_split"] == "3,1,2" and description["split"] == "explicit"
+    view = dashboard.deployed_pool_view(description, True, {})
+    layers = sorted(il for w in view["workers"] for a, b in w["layers"] for il in range(a, b + 1))
+    assert layers == list(range(description["n_layer"] + 1))
+    for again in (play(), play("--check")):
+        assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout[-4000:]

@@ -91,7 +91,7 @@ def test_unknown_keys_list_the_known_ones(tmp_path: Path) -> None:
         "keepalive_timeout_s")
     assert error_of(None, {"TIGHTWAD_LISTN__PORT": "1"}) == (
         "config error: listn (from TIGHTWAD_LISTN__PORT): unknown key; expected one of: "
-        "listen, auth, target, drafter, speculation, limits")
+        "listen, auth, target, drafter, speculation, limits, dashboard")
 
 
 @pytest.mark.parametrize("yaml_text,expected", [
@@ -122,8 +122,8 @@ def test_unreadable_or_malformed_files(tmp_path: Path) -> None:
     message = error_of(write(tmp_path, "listen:\n  port: [1\n"), {})
     assert "line " in message
     assert error_of(write(tmp_path, "- listen\n"), {}).endswith(
-        "expected a mapping of sections (listen, auth, target, drafter, speculation, limits), "
-        "got list")
+        "expected a mapping of sections (listen, auth, target, drafter, speculation, limits, "
+        "dashboard), got list")
 
 
 def test_bad_env_shapes() -> None:
@@ -177,3 +177,18 @@ def test_schema_documents_every_field() -> None:
     for name, section in schema["$defs"].items():
         for field, spec in section["properties"].items():
             assert spec.get("description"), f"{name}.{field} has no description"
+
+
+def test_dashboard_pool_file_names_a_deployed_pools_description(tmp_path: Path) -> None:
+    """``dashboard.pool_file``: the description the proxy role copies next to the proxy (the
+    role's proxy.yml sets it); none by default (a local pool's proxy gets its state file)."""
+    assert load_config(None, {}).dashboard.pool_file is None
+    path = write(tmp_path, "dashboard: {pool_file: /etc/tightwad/proxy-pool.json}\n")
+    assert load_config(path, {}).dashboard.pool_file == "/etc/tightwad/proxy-pool.json"
+    assert load_config(path, {"TIGHTWAD_DASHBOARD__POOL_FILE": "/srv/pool.json"}) \
+        .dashboard.pool_file == "/srv/pool.json"
+    assert error_of(write(tmp_path, "dashboard: {pool_file: pool.json}\n"), {}) == (
+        "config error: dashboard.pool_file: expected an absolute path such as "
+        "/etc/tightwad/proxy-pool.json, or null")
+    assert error_of(write(tmp_path, "dashboard: {pool: /x}\n"), {}) == (
+        "config error: dashboard.pool: unknown key; expected one of: pool_file")

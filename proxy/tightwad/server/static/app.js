@@ -134,28 +134,36 @@ function drawPool(picture) {
   workers.replaceChildren();
   if (!pool) {
     $("pool-note").textContent = "Workers: this proxy was started without the pool's state " +
-      "(tightwad start --local passes it), so it shows the coordinator and drafter only.";
+      "(tightwad start --local passes it) or description (dashboard.pool_file, which the " +
+      "Ansible proxy role sets), so it shows the coordinator and drafter only.";
     return;
   }
-  if (pool.error) { $("pool-note").textContent = pool.error; return; }
+  if (pool.error) { $("pool-note").textContent = pool.error + (pool.fix ? "; fix: " + pool.fix : ""); return; }
   const total = Math.max(pool.n_layers, 1);
   for (const w of pool.workers) {
     const lines = [];
-    for (const d of w.devices) lines.push(d.backend + ": " + d.description + ", " + d.total_mib + " MiB");
+    for (const d of w.devices) lines.push(d.backend + ": " + d.description + (d.total_mib ? ", " + d.total_mib + " MiB" : ""));
+    if (!w.devices.length && w.devices_note) lines.push(el("span", { class: "dim" }, w.devices_note));
+    if (w.health_note) lines.push(el("span", { class: "dim" }, w.health_note));
     const used = w.used_mib, all = w.total_mib;
-    lines.push("memory used " + fmt(used, 1) + " / " + (all ? all + " MiB" : "?"));
+    if (used !== null || all) lines.push("memory used " + fmt(used, 1) + " / " + (all ? all + " MiB" : "?"));
     if (all && used !== null) {
       const mem = el("div", { class: "mem" }), fill = el("span", {});
       fill.style.width = Math.min(100, 100 * used / all) + "%";
       mem.append(fill);
       lines.push(mem);
     }
-    lines.push(el("span", { class: "layers" }, "layers " + (w.layers.length ? layersText(w.layers, pool.n_layers - 1) : "none") +
-      " (" + w.n_layers + " of " + pool.n_layers + ")"));
-    lines.push(depthBar(w.layers, total));
+    if (pool.n_layers) {
+      lines.push(el("span", { class: "layers" }, "layers " + (w.layers.length ? layersText(w.layers, pool.n_layers - 1) : "none") +
+        " (" + w.n_layers + " of " + pool.n_layers + ")"));
+      lines.push(depthBar(w.layers, total));
+    } else lines.push(el("span", { class: "layers" }, "layers unknown (below)"));
     if (w.link.emulated) lines.push("link: emulated (" + w.link.emulated + "), via " + w.link.via);
-    else lines.push("link: RTT " + (w.link.rtt_ms === null ? "-" : fmt(w.link.rtt_ms, 2) + " ms") +
-      ", bandwidth " + (w.link.bandwidth_mbps === null ? "not measured while serving" : fmt(w.link.bandwidth_mbps, 0) + " Mbit/s"));
+    else {
+      lines.push("link: RTT " + (w.link.rtt_ms === null ? "-" : fmt(w.link.rtt_ms, 2) + " ms") +
+        ", bandwidth " + (w.link.bandwidth_mbps === null ? "not measured" : fmt(w.link.bandwidth_mbps, 0) + " Mbit/s"));
+      if (w.link.note) lines.push(el("span", { class: "dim" }, w.link.note));
+    }
     const node = card("worker-" + w.name, w.name + " " + w.endpoint, w.healthy, lines, "worker");
     node.dataset.name = w.name;
     node.dataset.endpoint = w.endpoint;
@@ -163,9 +171,10 @@ function drawPool(picture) {
     workers.append(node);
   }
   const local = Object.entries(pool.coordinator_layers || {});
-  $("pool-note").textContent = local.length
+  $("pool-note").textContent = (pool.note ? pool.note + " " : "") + (local.length
     ? "On the coordinator itself: the input embeddings; " + local.map(([d, runs]) => d + " layers " + layersText(runs, pool.n_layers - 1)).join("; ")
-    : "The input embeddings stay on the coordinator.";
+    : "The input embeddings stay on the coordinator.") +
+    (pool.tensor_split ? " --tensor-split " + pool.tensor_split + (pool.placement ? " (" + pool.placement + ")" : "") + "." : "");
 }
 
 function drawSpeculation(picture) {
