@@ -115,3 +115,17 @@ def tiny_gguf(path: Path, n_layer: int = 8, n_embd: int = 256, n_vocab: int = 51
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def http_status(url: str, key: str | None = None, timeout: float = 10) -> int:
+    """The HTTP status of a GET, with the bearer ``key`` when given (errors are statuses too)."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code

@@ -17,7 +17,7 @@ import yaml
 
 pytest.importorskip("ansible", reason="ansible-core is not installed")
 
-from support import REPO
+from support import REPO, http_status
 
 ROLE = REPO / "roles" / "llama_server"
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
@@ -87,18 +87,6 @@ def test_no_key_is_allowed_on_loopback(tmp_path):
 # --- the pinned llama-server and the proxy with keys, for real -----------------------------
 
 
-def _get(url: str, key: str | None = None) -> int:
-    import urllib.error
-    import urllib.request
-
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
-            return r.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 def _speculated(proxy_url: str) -> dict:
     import urllib.request
 
@@ -136,11 +124,11 @@ def test_keys_by_file_and_speculation_with_both_keys(procs, models, tmp_path):
         models.draft, name="drafter",
         args=["--api-key-file", str(files["drafter"]), "--no-slots", "--no-webui"])
     for name, server in (("coordinator", coordinator), ("drafter", drafter)):
-        assert _get(f"{server.url}/health") == 200
-        assert _get(f"{server.url}/v1/models") == 401 and _get(f"{server.url}/props") == 401
-        assert _get(f"{server.url}/v1/models", "wrong-key") == 401
-        assert _get(f"{server.url}/props", keys[name]) == 200
-        assert _get(f"{server.url}/slots", keys[name]) not in (200, 401)  # off, not hidden
+        assert http_status(f"{server.url}/health") == 200
+        assert http_status(f"{server.url}/v1/models") == 401 and http_status(f"{server.url}/props") == 401
+        assert http_status(f"{server.url}/v1/models", "wrong-key") == 401
+        assert http_status(f"{server.url}/props", keys[name]) == 200
+        assert http_status(f"{server.url}/slots", keys[name]) not in (200, 401)  # off, not hidden
         host, port = server.url.split("//")[1].rsplit(":", 1)
         found = discovery.identify_http(host, int(port))
         assert found is not None and found.kind == "llama-server" and found.healthy, found
