@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, tightwad_cli
+from support import REPO, http_status, tightwad_cli
 from tightwad import defaults
 from tightwad.pool import placement
 
@@ -292,17 +292,6 @@ def test_rpc_port_admits_only_the_coordinator(deployed):
     assert unit.count("tightwad-rpc-firewall.service") == 2, unit
 
 
-def _get(url: str, key: str | None = None) -> int:
-    import urllib.error
-
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
-            return r.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 def test_coordinator_and_drafter_admit_only_the_proxy_and_demand_a_key(deployed):
     group, _, _, _ = deployed
     coord = group["coord"]
@@ -314,14 +303,14 @@ def test_coordinator_and_drafter_admit_only_the_proxy_and_demand_a_key(deployed)
     keys = {}
     for name, port in (("coordinator", 8090), ("drafter", 8091)):
         base = f"http://{coord.address}:{port}"
-        assert _get(f"{base}/health") == 200
-        assert _get(f"{base}/v1/models") == 401 and _get(f"{base}/props") == 401
-        assert _get(f"{base}/v1/models", "not-the-key") == 401
+        assert http_status(f"{base}/health") == 200
+        assert http_status(f"{base}/v1/models") == 401 and http_status(f"{base}/props") == 401
+        assert http_status(f"{base}/v1/models", "not-the-key") == 401
         key = coord.run(f"cat /etc/tightwad/{name}.key").stdout.strip()
         assert len(key) >= 40, name
         keys[name] = key
-        assert _get(f"{base}/props", key) == 200
-        assert _get(f"{base}/slots", key) != 200
+        assert http_status(f"{base}/props", key) == 200
+        assert http_status(f"{base}/slots", key) != 200
         # Root-owned, readable by this service's group only; never on the command line.
         mode = coord.run(f"stat -c '%a %U %G' /etc/tightwad/{name}.key").stdout.split()
         assert mode == ["640", "root", f"tightwad-{name}"], mode
@@ -414,6 +403,7 @@ def test_swap_restarts_only_the_coordinator(deployed, models):
     workers = {n: _main_pid(group[n], "tightwad-rpc-main") for n in GROUPS["rpc_workers"]}
     drafter = _main_pid(group["coord"], "tightwad-drafter")
     coordinator = _main_pid(group["coord"], "tightwad-coordinator")
+    proxy = _main_pid(group["coord"], "tightwad-proxy")
     # `tightwad swap` runs playbooks/swap.yml with the new model.
     result = tightwad("swap", str(models.draft), "-i", str(inventory))
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
@@ -427,6 +417,10 @@ def test_swap_restarts_only_the_coordinator(deployed, models):
     assert _main_pid(group["coord"], "tightwad-coordinator") != coordinator
     assert {n: _main_pid(group[n], "tightwad-rpc-main") for n in workers} == workers
     assert _main_pid(group["coord"], "tightwad-drafter") == drafter
+    # The dashboard's copy of the pool's description follows, without a proxy restart.
+    copy = json.loads(group["coord"].run("cat /etc/tightwad/proxy-pool.json").stdout)
+    assert copy["model"] == models.draft.name
+    assert _main_pid(group["coord"], "tightwad-proxy") == proxy
 
 
 def test_stop_then_teardown_removes_everything(deployed):
