@@ -3,13 +3,18 @@
 Two RPC workers, ``fast`` and ``slow``, and a coordinator host (systemd-nspawn containers,
 tightwad_dev.hosts); ``slow`` runs, all of it, in a cgroup capped at :data:`SLOW_QUOTA` of one
 CPU. site.yml with the split on ``auto``: the coordinator role measures each worker from the
-controller (``python -m tightwad.pool.probe``: layers of the target through the worker's own
-ggml-rpc-server, the link's round trip and bandwidth) and places the layers with
-``tightwad.pool.placement``. Checked: the throttled host measures slower and gets fewer layers;
-the coordinator unit's ``--rpc``/``--tensor-split`` are what ``tightwad doctor`` prints for the
-placement from the kept measurements; a second run changes nothing (the split is kept); a probe
-of the workers while they serve the coordinator is refused by the probe itself and leaves them
-and the coordinator's output untouched, also after the coordinator reconnects.
+coordinator's host (``python -m tightwad.pool.probe`` from the zip the role ships, as the
+service's account, with the build and the model installed there: layers of the target through
+the worker's own ggml-rpc-server, the link's round trip and bandwidth) and places the layers
+with ``tightwad.pool.placement``. The workers' firewalls are the roles' default: they admit the
+coordinator only, not the controller. Checked: the throttled host measures slower and gets
+fewer layers; the controller cannot reach the workers; the coordinator unit's
+``--rpc``/``--tensor-split`` are what ``tightwad doctor`` prints for the placement from the
+kept measurements; a second run changes nothing (the split is kept, the probe's zip unchanged);
+``coordinator_tensor_split_refresh`` stops the coordinator, measures the idle workers again and
+starts it; a probe of the workers while they serve the coordinator is refused by the probe
+itself and leaves them and the coordinator's output untouched, also after the coordinator
+reconnects.
 
 The target is the bench model (16 layers of 5 MiB): its layers, not its output layer, are the
 work, so the per-layer probe has something to time.
@@ -29,7 +34,6 @@ from pathlib import Path
 import pytest
 
 from support import REPO, tightwad_cli
-from tightwad import build as llama_build
 from tightwad.pool import placement, probe
 
 pytest.importorskip("ansible", reason="ansible-core is not installed")
@@ -54,6 +58,7 @@ GROUPS = {"rpc_workers": WORKERS, "coordinator": ["coord"]}
 SLOW_QUOTA = 0.1
 PORT = 50052
 UNIT = "tightwad-rpc-main"
+PROBE_ZIP = "/opt/tightwad/probe/tightwad.zip"
 
 
 def _changed(stdout: str) -> dict[str, int]:
@@ -94,19 +99,11 @@ def target(cache_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory, target):
-    if llama_build.cached_build(llama_build.default_cache_dir(),
-                                llama_build.build_key("cpu")) is None:
-        pytest.skip("the probe runs on the controller with the cached CPU build of the pin")
     with HostGroup(["fast", "slow", "coord"], prefix="twplace", cpu_quota={"slow": SLOW_QUOTA},
                    log_dir=tmp_path_factory.mktemp("hosts")) as group:
         inv = group.inventory(GROUPS)
-        inv["all"]["vars"] = {
-            "tightwad_model": str(target),
-            # The probe runs on the controller, so the workers must admit it beside the
-            # coordinator (the role's default admits the coordinator only).
-            "rpc_worker_allowed_sources": [group["coord"].address, group.controller_address],
-            "llama_cpp_portable": False,
-        }
+        # The workers' firewalls as the roles set them: only the coordinator gets through.
+        inv["all"]["vars"] = {"tightwad_model": str(target), "llama_cpp_portable": False}
         # On the coordinator's entry, where `tightwad init` writes them and doctor reads them.
         inv["all"]["hosts"]["coord"].update({"coordinator_tensor_split": "auto",
                                              "coordinator_parallel": 1,
@@ -144,6 +141,21 @@ def _cpu_cgroups(netns: str) -> set[str]:
     return found
 
 
+def _rpcs(group) -> str:
+    return ",".join(f"{group[n].address}:{PORT}" for n in WORKERS)
+
+
+def _probe_on_coordinator(group, target: Path, *args: str) -> list[dict]:
+    """``python -m tightwad.pool.probe`` on the coordinator's host as the role runs it: from the
+    shipped zip, as the service's account, with the installed build and model."""
+    result = group["coord"].run(
+        ["runuser", "-u", "tightwad-coordinator", "--", "env", f"PYTHONPATH={PROBE_ZIP}",
+         "TMPDIR=/var/tmp", "/usr/bin/python3", "-S", "-m", "tightwad.pool.probe",
+         "--model", f"/var/lib/tightwad/models/{target.name}", "--rpc", _rpcs(group),
+         "--bin-dir", "/opt/tightwad/llama.cpp/bin", *args], timeout=600)
+    return json.loads(result.stdout)
+
+
 def _kept(group) -> dict:
     return json.loads(group["coord"].run("cat /etc/tightwad/tensor-split.json").stdout)
 
@@ -157,6 +169,10 @@ def test_throttled_host_measures_slower_and_gets_fewer_layers(deployed, target):
     # The quota holds every process of the host, the worker's included; the other hosts have
     # none.
     assert _main_pid(group["slow"], UNIT) != "0" and "Report the split" in first.stdout
+    # Measured on the coordinator's host, from the zip the role shipped there.
+    assert _task_result(first.stdout, "Measure each worker's speed and link") == "ok"
+    assert _task_result(first.stdout, "Ship the probe") == "changed"
+    assert group["coord"].run(f"stat -c '%U %a' {PROBE_ZIP}").stdout.split() == ["root", "644"]
     cgroups = {n: _cpu_cgroups(group[n].netns) for n in WORKERS}
     assert cgroups["slow"] == {f"tightwad-{group['slow'].netns}"}, cgroups
     assert all("tightwad-" not in c for c in cgroups["fast"]), cgroups
@@ -179,6 +195,19 @@ def test_throttled_host_measures_slower_and_gets_fewer_layers(deployed, target):
     memory, _ = _layers_per_worker(group, ",".join(kept["rpc"]), placement.format_split(
         placement.propose_split([v * placement.MiB for v in kept["free_mib"]])), n_layer)
     assert memory["slow"] > layers["slow"], (memory, layers)
+
+
+def test_the_controller_cannot_reach_the_workers(deployed, target):
+    """The default firewall stands: the workers admit the coordinator only, so a probe from the
+    controller gets no answer (the deploy measured them from the coordinator)."""
+    group, _, _, _ = deployed
+    result = subprocess.run([sys.executable, "-m", "tightwad.pool.probe", "--link-only",
+                             "--model", str(target), "--rpc", _rpcs(group)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout)
+    print(f"\nprobe from the controller: {[(m['rpc'], m['skipped']) for m in found]}")
+    assert all(m["skipped"] and m["rtt_ms"] is None for m in found), found
 
 
 def test_unit_split_is_what_doctor_prints(deployed, tmp_path):
@@ -213,7 +242,30 @@ def test_rerun_keeps_the_split_and_changes_nothing(deployed):
     assert set(_changed(again.stdout).values()) == {0}, again.stdout[-6000:]
     # Kept, not re-measured: no probe ran, the same split, the same coordinator process.
     assert _task_result(again.stdout, "Measure each worker's speed and link") == "skipping"
+    assert _task_result(again.stdout, "Ship the probe") == "ok"  # the same bytes
     assert (_kept(group), _main_pid(group["coord"], "tightwad-coordinator")) == before
+
+
+def test_refresh_measures_the_workers_again(deployed):
+    """coordinator_tensor_split_refresh: the coordinator, which holds both workers, is stopped,
+    the workers are measured idle (not found busy), and it starts again with the new split."""
+    group, play, _, _ = deployed
+    before = _kept(group)
+    pid = _main_pid(group["coord"], "tightwad-coordinator")
+    again = play("-e", "coordinator_tensor_split_refresh=true")
+    assert again.returncode == 0, again.stdout[-6000:]
+    assert _task_result(again.stdout, "Stop the coordinator") == "changed"
+    assert _task_result(again.stdout, "Measure each worker's speed and link") == "ok"
+    kept = _kept(group)
+    print(f"\nrefreshed: {kept['measurements']}\nplacement: {kept['placement']}")
+    assert kept["rpc"] == before["rpc"] and kept["measurements"] != before["measurements"]
+    assert not any(m["skipped"] for m in kept["measurements"]), kept["measurements"]
+    assert kept["placement"].startswith("speed:"), kept["placement"]
+    cmdline = _exec_start(group)
+    assert (_exec_flag(cmdline, "--rpc"), _exec_flag(cmdline, "--tensor-split")) == \
+        (kept["rpc_order"], kept["tensor_split"])
+    assert _main_pid(group["coord"], "tightwad-coordinator") not in ("0", pid)
+    _wait_serving(group)
 
 
 def _complete(group) -> str:
@@ -241,15 +293,14 @@ def _wait_serving(group, timeout: float = 180) -> None:
 
 def test_probe_leaves_serving_workers_untouched(deployed, target):
     group, _, _, _ = deployed
+    _wait_serving(group)
     reference = _complete(group)
     pids = {n: _main_pid(group[n], UNIT) for n in WORKERS}
-    rpcs = ",".join(f"{group[n].address}:{PORT}" for n in WORKERS)
-    result = subprocess.run([sys.executable, "-m", "tightwad.pool.probe", "--model", str(target),
-                             "--rpc", rpcs], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout)
+    # From the coordinator's host, which the workers admit: they answer no HELLO while they
+    # serve the coordinator, and the probe leaves them alone.
+    found = _probe_on_coordinator(group, target)
     print(f"\nprobe of serving workers: {[(m['rpc'], m['skipped']) for m in found]}")
-    assert all(m["skipped"] and m["layer_ms"] is None for m in found), found
+    assert all(m["skipped"].startswith("busy") and m["layer_ms"] is None for m in found), found
     assert _complete(group) == reference
     # The coordinator reconnects: each worker then accepts the probe's connection that waited
     # in its backlog (reset, never answered) before the coordinator's; both must survive it.

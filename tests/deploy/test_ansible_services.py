@@ -6,11 +6,14 @@ real on systemd hosts; these catch template mistakes in seconds."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -272,3 +275,154 @@ def test_coordinator_describes_the_pool_it_runs(tmp_path, models, split, free_mi
     assert layers == list(range(description["n_layer"] + 1))
     for again in (play(), play("--check")):
         assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout[-4000:]
+
+
+SPLIT = """\
+- name: Work out the split as the coordinator role does
+  hosts: coord
+  gather_facts: false
+  vars_files:
+    - {roles}/coordinator/defaults/main.yml
+    - {roles}/coordinator/vars/main.yml
+    - {roles}/llama_server/defaults/main.yml
+    - {roles}/llama_server/vars/main.yml
+  vars:
+    # What the setup module reports of the Python Ansible uses; py_minor plays an older one.
+    ansible_facts: {{python: {{version: {{major: 3, minor: "{{{{ py_minor | default({minor}) }}}}"}},
+                              executable: {python}}}}}
+  tasks:
+    - name: Run the role's split tasks
+      ansible.builtin.import_tasks: {roles}/coordinator/tasks/split.yml
+"""
+
+# One worker host with two instances where nothing listens: the probe's HELLO is refused.
+SPLIT_INVENTORY = """\
+all:
+  children:
+    rpc_workers:
+      hosts:
+        w1: {{ansible_host: 127.0.0.1, ansible_connection: local,
+              rpc_worker_instances: [{{name: a, port: {p1}}}, {{name: b, port: {p2}}}]}}
+    coordinator:
+      hosts:
+        coord: {{ansible_host: 127.0.0.1, ansible_connection: local}}
+"""
+
+
+def _task_result(stdout: str, task: str) -> str:
+    """The first word of the first result line under ``task``'s header (ok, skipping, ...)."""
+    lines = stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("TASK [") and task in line)
+    return next(line for line in lines[at + 1:] if line.strip()).split(":")[0]
+
+
+def _python_for(user: str) -> tuple[Path, int] | None:
+    """A Python 3 that ``user`` can run, outside any virtualenv, and its minor version: this
+    interpreter itself, else the system's python3."""
+    for found in (Path(sys.executable).resolve(), shutil.which("python3", path=os.defpath)):
+        if found is None:
+            continue
+        result = subprocess.run(["runuser", "-u", user, "--", str(found), "-S", "-c",
+                                 "import sys; print(sys.version_info[0], sys.version_info[1])"],
+                                capture_output=True, text=True, timeout=60)
+        if result.returncode == 0 and result.stdout.split()[:1] == ["3"]:
+            return Path(found), int(result.stdout.split()[1])
+    return None
+
+
+def _unused_ports(n: int) -> list[int]:
+    from tightwad.pool.procs import free_port
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None,
+                    reason="the probe runs as another account (runuser): needs root")
+def test_coordinator_probes_from_its_host_and_keeps_the_split(tmp_path, models):
+    """The coordinator role's split (roles/coordinator/tasks/split.yml) with this machine as the
+    coordinator's host: the probe's zip shipped (lookup('tightwad', 'probe_zip')) and
+    ``python -m tightwad.pool.probe`` run from it, with the base interpreter and no
+    site-packages, as an unprivileged account. Nothing listens on the workers' ports, so each is
+    reported not measured and the split falls back to free memory, saying why. A check run
+    before writes nothing and says why it does not measure; a rerun changes nothing and does not
+    measure; coordinator_tensor_split_refresh measures again; a Python older than the package's
+    is not used, with a message."""
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no account 'nobody' to run the probe as")
+    spec = importlib.util.spec_from_file_location("tightwad_lookup",
+                                                  REPO / "lookup_plugins" / "tightwad.py")
+    assert spec is not None and spec.loader is not None
+    lookup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lookup)
+    from tightwad import build
+
+    found = _python_for("nobody")
+    if found is None or found[1] < 10:
+        pytest.skip("no Python 3.10+ that the account 'nobody' can run")
+    python, minor = found
+    # The probe's account must reach the zip: a world-readable directory, not pytest's.
+    public = Path(tempfile.mkdtemp(prefix="tightwad-probe-test-"))
+    try:
+        public.chmod(0o755)
+        bin_dir = tmp_path / "llama" / "bin"  # a worker's llama-server --list-devices: CPU only
+        bin_dir.mkdir(parents=True)
+        (bin_dir / "llama-server").write_text("#!/bin/sh\necho 'Available devices:'\n")
+        (bin_dir / "llama-server").chmod(0o755)
+        split_file, zip_file = tmp_path / "etc" / "tensor-split.json", public / "probe" / "t.zip"
+        p1, p2 = _unused_ports(2)
+        (tmp_path / "inventory.yml").write_text(SPLIT_INVENTORY.format(p1=p1, p2=p2))
+        (tmp_path / "play.yml").write_text(SPLIT.format(
+            roles=ROLES, minor=minor, python=python))
+        (tmp_path / "extra.json").write_text(json.dumps({
+            "coordinator_split_file": str(split_file), "coordinator_tensor_split": "auto",
+            "coordinator_model": str(models.target), "llama_server_model": str(models.target),
+            "llama_server_model_dir": str(models.target.parent), "llama_server_user": "nobody",
+            "llama_cpp_install_dir": str(bin_dir.parent), "_coordinator_probe_zip": str(zip_file),
+            "ansible_python_interpreter": sys.executable}))
+        env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
+
+        def play(*args: str) -> subprocess.CompletedProcess:
+            result = subprocess.run(
+                [str(PLAYBOOK_BIN), "-i", str(tmp_path / "inventory.yml"),
+                 str(tmp_path / "play.yml"), "-e", f"@{tmp_path / 'extra.json'}", *args],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+            return result
+
+        check = play("--check")  # before the first run: nothing there, nothing written
+        assert "check mode: the llama.cpp build, the model or the probe is not on coord yet" \
+            in check.stdout, check.stdout[-4000:]
+        assert not split_file.exists() and not zip_file.exists()
+
+        first = play()
+        assert _task_result(first.stdout, "Measure each worker's speed and link") == "ok"
+        assert zip_file.read_bytes() == lookup.probe_zip_bytes(Path(build.__file__).parent)
+        assert oct(zip_file.stat().st_mode & 0o777) == "0o644"
+        kept = json.loads(split_file.read_text())
+        rpcs = [f"127.0.0.1:{p1}", f"127.0.0.1:{p2}"]
+        assert [m["rpc"] for m in kept["measurements"]] == kept["rpc"] == rpcs
+        # The probe ran (as nobody, from the zip) and reported each worker, not measured.
+        assert all("refused" in m["skipped"] and m["layer_ms"] is None
+                   for m in kept["measurements"]), kept["measurements"]
+        assert kept["placement"].startswith("memory:") and "not measured: " in kept["placement"]
+
+        for again in (play(), play("--check")):  # kept: the same zip, no probe
+            assert "changed=0" in again.stdout, again.stdout[-4000:]
+            assert _task_result(again.stdout, "Measure each worker's speed and link") == \
+                "skipping"
+        assert json.loads(split_file.read_text()) == kept
+
+        refresh = play("-e", "coordinator_tensor_split_refresh=true")
+        assert _task_result(refresh.stdout, "Read each worker host's devices") == "ok"
+        assert _task_result(refresh.stdout, "Measure each worker's speed and link") == "ok"
+
+        old = play("-e", "coordinator_tensor_split_refresh=true", "-e", "py_minor=9")
+        assert _task_result(old.stdout, "Measure each worker's speed and link") == "skipping"
+        assert (f"the probe needs Python {lookup.python_min()} or newer and coord's {python} "
+                "is 3.9, so the split is proportional to free memory") in old.stdout
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
