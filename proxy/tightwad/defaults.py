@@ -82,6 +82,17 @@ OVERLAP_DRAFTING: Final = True
 coordinator verifies it, so a round that accepts everything starts the next without waiting for
 the drafter. The drafter would idle during the verify otherwise; the output is the same."""
 
+REGIME_WINDOW_S: Final = 3.0
+"""Under load (two streams or more) the proxy alternates windows of this many seconds in which
+every stream drafts, or none does, and runs the regime that gave more tokens per second
+(:class:`tightwad.decoding.speculation.LoadRegimes`): a stream's own costs cannot see that its
+drafted rows slow everyone's batch on a compute-bound pool. Long enough for several rounds of
+8-token bursts at 8 streams on a CPU pool."""
+
+REGIME_REFRESH_S: Final = 30.0
+"""The regime not running is measured again (one window) once its rate is this old: at most a
+tenth of the time goes to the slower one."""
+
 TARGET_ONLY_BURST: Final = 8
 """Tokens a round without a draft asks the coordinator for when drafting is paused (it cannot
 pay at the current load) or hopeless for a request: one call instead of one per token, as a

@@ -360,3 +360,88 @@ def round_timed(rounds_before: int, evaluated: int, drafted: int, appended: int,
     since the last verify, the pending one and the draft), not a prefix it lost from its cache.
     ``evaluated`` is the server's ``prompt_n``."""
     return rounds_before > 0 and evaluated <= appended + pending + drafted + 1
+
+
+@dataclass
+class _Window:
+    level: int
+    drafting: bool
+    start: float
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+class LoadRegimes:
+    """Under load, whether drafting or target-only decoding gives the pool more tokens per
+    second, measured, not predicted.
+
+    A round's own costs cannot see what its draft costs the other streams: on a compute-bound
+    pool every drafted row makes the shared batch slower for everyone, and a stream probing
+    target-only alone still waits on everyone else's verify rows. So at two streams or more the
+    proxy runs windows of ``window_s`` seconds in which every stream follows one regime. A
+    window's rate is the tokens of the rounds that started in it over their seconds (a stream's
+    tokens/s; at one load level, the aggregate is that times the streams), counted when they
+    end: taken when the window closes, from the rounds ended by then, and again when the next
+    one closes, with all of them. Each regime's rate is kept per load
+    level; the faster one runs (the other must be ``margin`` faster to take over), and the other
+    is measured again once its rate is older than ``refresh_s``. Which regime runs changes only
+    speed, never the output.
+    """
+
+    def __init__(self, window_s: float, refresh_s: float, margin: float) -> None:
+        self.window_s = window_s
+        self.refresh_s = refresh_s
+        self.margin = margin
+        self.rates: dict[int, dict[bool, tuple[float, float]]] = {}
+        """level -> regime (True: drafting) -> (a stream's tokens/s, when measured)."""
+        self.best: dict[int, bool] = {}
+        self.window: _Window | None = None
+        self.ending: _Window | None = None
+        """The window before: its last rounds may still end."""
+
+    def drafting(self, level: int, now: float) -> bool:
+        """Whether a round starting now at this load level may draft (level 0, one stream:
+        always; its own costs see everything)."""
+        window = self.window
+        if window is not None and window.level == level and now - window.start < self.window_s:
+            return window.drafting
+        if self.ending is not None:
+            self._record(self.ending, now)  # complete: its rounds have had a window to end
+        if window is not None:
+            self._record(window, now)  # so far: the rounds still running count when they end
+        self.ending, self.window = window, None
+        if level == 0:
+            return True
+        rates = self.rates.get(level, {})
+        measuring = window.drafting if window is not None and window.level == level else None
+        stale = [regime for regime in (True, False) if regime != measuring
+                 and (regime not in rates or now - rates[regime][1] > self.refresh_s)]
+        regime = stale[0] if stale else self.best.get(level, True)
+        self.window = _Window(level, regime, now)
+        return regime
+
+    def observe(self, tokens: int, started: float, ended: float) -> None:
+        """A round that ran from ``started`` to ``ended`` emitted ``tokens``: it counts for the
+        window it started in."""
+        for window in (self.window, self.ending):
+            if window is not None and window.start <= started < window.start + self.window_s:
+                window.tokens += tokens
+                window.seconds += ended - started
+                return
+
+    def _record(self, window: _Window, now: float) -> None:
+        if window.seconds <= 0 or window.tokens == 0:
+            return
+        rates = self.rates.setdefault(window.level, {})
+        rates[window.drafting] = (window.tokens / window.seconds, now)
+        if len(rates) == 2:
+            best = self.best.get(window.level, True)
+            if rates[not best][0] > rates[best][0] * (1 + self.margin):
+                self.best[window.level] = not best
+
+    def status(self) -> dict[str, dict[str, float | bool | None]]:
+        """Per load level (streams): each regime's measured tokens/s per stream, which runs."""
+        return {level_streams(level): {
+            "drafting_tok_s": round(rates[True][0], 2) if True in rates else None,
+            "target_only_tok_s": round(rates[False][0], 2) if False in rates else None,
+            "drafting": self.best.get(level, True)} for level, rates in sorted(self.rates.items())}

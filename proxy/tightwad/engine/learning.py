@@ -15,8 +15,10 @@ hysteresis, and whether drafting pays at this load. Where it does not (compute-b
 run without a draft. Probes keep the estimates fresh: while paused every ``probe_every``-th
 round drafts anyway (load falls; acceptance and draft costs go stale); while drafting, where
 target-only at this load is unmeasured or close, every ``probe_every``-th round goes without a
-draft to measure it. A seeded sampling request always drafts at ``k_initial``: its random
-stream depends on k.
+draft to measure it. Under load (two streams or more) a :class:`LoadRegimes` has the last word:
+it times windows in which all streams draft or none does and keeps the faster regime, which a
+stream's own cost lines cannot see. A seeded sampling request always drafts at ``k_initial``:
+its random stream depends on k.
 
 Every method is synchronous (no await), so under asyncio each update is atomic with respect to
 the other requests of the process.
@@ -24,14 +26,17 @@ the other requests of the process.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from tightwad import defaults
 from tightwad.config import SpeculationConfig
 from tightwad.decoding.sampling import SamplingParams
 from tightwad.decoding.speculation import (
     AcceptanceEstimate,
     CostModel,
     Line,
+    LoadRegimes,
     Plan,
     k_buckets,
     level_streams,
@@ -69,7 +74,10 @@ class PairLearning:
         self.target_only: set[int] = set()
         """Load levels with a timed round without a draft (target-only measured, not inferred)."""
         self.rounds = 0
+        self.regimes = LoadRegimes(defaults.REGIME_WINDOW_S, defaults.REGIME_REFRESH_S,
+                                   config.k_margin)
         self.plan = Plan(True, self.k, 0, None, "nothing learned yet")
+        self.modelled_drafting = True
         self.telemetry.on_plan(self.plan)
 
     @staticmethod
@@ -80,9 +88,11 @@ class PairLearning:
 
     def _plan(self, greedy: bool, streams: int) -> Plan:
         level = load_level(streams)
+        # Hysteresis on the cost model's own last word, not on a load regime's override.
         self.plan = plan(self.acceptance[greedy].mean, _fits(self.draft, level),
                          _fits(self.verify, level), self.buckets, self.k,
-                         not self.plan.drafting, streams, self.config.k_margin)
+                         not self.modelled_drafting, streams, self.config.k_margin)
+        self.modelled_drafting = self.plan.drafting
         self.k = self.plan.k
         self.telemetry.on_plan(self.plan)
         return self.plan
@@ -94,6 +104,15 @@ class PairLearning:
             return self.k_fixed
         now = self._plan(sampling.greedy, streams)
         self.rounds += 1
+        level = load_level(streams)
+        if not self.regimes.drafting(level, time.monotonic()):
+            rates = self.regimes.rates.get(level, {})
+            measured = (f"{rates[False][0]:.1f} against {rates[True][0]:.1f} tok/s per stream"
+                        if len(rates) == 2 else "measuring")
+            self.plan = Plan(False, now.k, streams, now.speedup,
+                             f"target-only at {streams} streams: {measured} drafting")
+            self.telemetry.on_plan(self.plan)
+            return 0
         every = self.config.probe_every
         probe = every > 0 and self.rounds % every == 0
         if not now.drafting:
@@ -110,6 +129,10 @@ class PairLearning:
         if not self.config.adaptive or self.fixed(sampling):
             return self.k_fixed
         return self.k if self.plan.drafting else 0
+
+    def observe_tokens(self, tokens: int, started: float, ended: float) -> None:
+        """A round's tokens and its time, for the load regimes (:class:`LoadRegimes`)."""
+        self.regimes.observe(tokens, started, ended)
 
     def observe_round(self, greedy: bool, streams: int, drafted: int, accepted: int,
                       draft_seconds: float | None, verify_seconds: float,
@@ -150,6 +173,7 @@ class PairLearning:
                 "draft": ms(_fits(self.draft, level)), "verify": ms(_fits(self.verify, level)),
                 "target_only_measured": level in self.target_only,
             } for level in levels},
+            "load_regimes": self.regimes.status(),
         }
 
 

@@ -98,6 +98,7 @@ class SpeculativeRun:
         self.appended = 0  # tokens added to the context by the last round
         self.overlap = config.overlap
         self.paused = False  # drafting paused at this load (this round's plan)
+        self.round_started = 0.0  # when this round was planned (monotonic)
         self.drafter_out = False  # the last draft failed: the drafter is down or erring
 
     async def events(self) -> AsyncGenerator[Event, None]:
@@ -156,6 +157,7 @@ class SpeculativeRun:
         against it). A seeded sampling request keeps k_initial (its random stream depends on
         k); k never changes the output otherwise."""
         self.streams = max(1, self.telemetry.in_flight)
+        self.round_started = time.monotonic()
         k = self.learned.round_k(self.params, self.streams)
         self.stats.last_k = k
         self.paused = k == 0 and not self.learned.plan.drafting
@@ -289,6 +291,7 @@ class SpeculativeRun:
         taken = self.transcript.take(outcome.tokens, outcome.token_bytes)
         self.context.extend(taken.tokens)
         self.appended = len(taken.tokens)
+        self.learned.observe_tokens(len(taken.tokens), self.round_started, time.monotonic())
         self.telemetry.on_round(self.stats, Round(
             drafted=len(draft.tokens), accepted=outcome.accepted, tokens=len(taken.tokens),
             draft_seconds=draft.seconds, verify_seconds=verify_s))

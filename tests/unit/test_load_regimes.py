@@ -1,0 +1,80 @@
+"""tightwad.decoding.speculation.LoadRegimes: under load, drafting or target-only by the tokens/s
+each gave in windows of its own, not by a stream's own cost model."""
+
+from __future__ import annotations
+
+from tightwad.decoding.speculation import LoadRegimes
+
+W, REFRESH = 3.0, 30.0
+
+
+def _run(regimes: LoadRegimes, level: int, t: float, until: float,
+         rate: dict[bool, float], round_s: float = 0.5) -> float:
+    """Rounds of ``round_s`` back to back from ``t`` to ``until``, each emitting tokens at the
+    per-stream ``rate`` of the regime it was told; returns the time reached."""
+    while t < until:
+        drafting = regimes.drafting(level, t)
+        regimes.observe(round(rate[drafting] * round_s), t, t + round_s)
+        t += round_s
+    return t
+
+
+def test_one_stream_always_may_draft_and_opens_no_window() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    assert all(regimes.drafting(0, t) for t in range(100))
+    assert regimes.window is None and regimes.rates == {}
+
+
+def test_under_load_it_measures_both_then_runs_the_faster() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    assert regimes.drafting(2, 0.0) is True  # nothing known: drafting is measured first
+    t = _run(regimes, 2, 0.0, W, {True: 4.0, False: 10.0})
+    assert regimes.drafting(2, t) is False  # then target-only
+    # A window's rate is taken when it closes, from the rounds that ended by then.
+    t = _run(regimes, 2, t, 2 * W, {True: 4.0, False: 10.0})
+    assert regimes.drafting(2, t) is False  # both known: target-only is 2.5x faster
+    assert regimes.rates[2][True][0] == 4.0 and regimes.rates[2][False][0] == 10.0
+    assert regimes.status()["3-4"] == {"drafting_tok_s": 4.0, "target_only_tok_s": 10.0,
+                                      "drafting": False}
+    # It keeps target-only until drafting's rate is stale, then measures drafting for one
+    # window, and goes back where drafting is still the slower ...
+    told = []
+    while t < 3 * REFRESH:
+        told.append(regimes.drafting(2, t))
+        regimes.observe(round((4.0 if told[-1] else 10.0) * 0.5), t, t + 0.5)
+        t += 0.5
+    drafted = [i for i, d in enumerate(told) if d]
+    assert drafted and all(0.5 * i >= REFRESH - 3 * W for i in drafted[:1])
+    assert len(drafted) <= 2 * (W / 0.5)  # one window per refresh period (two periods here)
+    assert regimes.best[2] is False
+    # ... and runs drafting where it has become the faster (load fell, easier text).
+    t = _run(regimes, 2, t, 5 * REFRESH, {True: 20.0, False: 10.0})
+    assert regimes.best[2] is True
+
+
+def test_a_small_difference_does_not_switch() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    t = _run(regimes, 3, 0.0, 2 * W, {True: 10.0, False: 10.5})
+    assert regimes.drafting(3, t) is True and regimes.best.get(3, True) is True
+
+
+def test_rounds_count_for_the_window_they_started_in() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    assert regimes.drafting(2, 0.0) is True
+    # A drafting round that starts in the first window and ends in the second counts for the
+    # first; a round of the second window does not.
+    assert regimes.drafting(2, W) is False
+    regimes.observe(30, 2.5, W + 2.0)
+    regimes.observe(5, W + 0.1, W + 0.6)
+    assert regimes.window is not None and regimes.window.tokens == 5
+    assert regimes.ending is not None and regimes.ending.tokens == 30
+    regimes.drafting(2, 2 * W)  # the first window's rate, complete when the second closes
+    assert regimes.rates[2][True][0] == 30 / 2.5
+
+
+def test_a_change_of_load_opens_a_window_at_the_new_level() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    regimes.drafting(2, 0.0)
+    regimes.drafting(3, 1.0)
+    assert regimes.window is not None and regimes.window.level == 3
+    assert regimes.drafting(0, 1.5) is True and regimes.window is None
