@@ -300,9 +300,13 @@ def test_doctor_turns_exactly_the_right_check_red(fault: str, inventory_file: Pa
     assert code == 1 and set(red) == {expect}, red
     assert words in red[expect]["message"], red[expect]
     assert red[expect]["fix"], "every failure says how to fix it"
-    if fault == "proxy-no-token":  # the same bind with a token is fine
+    if fault == "proxy-no-token":  # a weak token is red too, a strong one fine
         inv = _variant(dest, tmp_path / "inv2.yml", lambda d: d["all"]["vars"].update(
             {"tightwad_proxy_token": "s3cret"}))
+        code, report = doctor("-i", str(inv), "--bin-dir", str(bins))
+        assert code == 1 and "weak token" in failed(report)["proxy auth"]["message"]
+        inv = _variant(dest, tmp_path / "inv3.yml", lambda d: d["all"]["vars"].update(
+            {"tightwad_proxy_token": "kq3-Vx8_pL2mZ7rT9wY4-strong"}))
         code, report = doctor("-i", str(inv), "--bin-dir", str(bins))
         assert code == 0, failed(report)
 
