@@ -93,7 +93,8 @@ class ListenConfig(_Section):
         "cut it."))
     write_timeout_s: float = Field(defaults.WRITE_TIMEOUT_S, gt=0, le=3600, description=(
         "Longest a write to a client may block: a client that stops reading a stream loses it "
-        "after this long, and its coordinator slot is freed for the requests waiting."))
+        "after this long, and its coordinator slot is freed for the requests waiting. While a "
+        "request waits for a slot, a client that takes nothing for an eighth of this loses it."))
     max_connections: int = Field(defaults.MAX_CONNECTIONS, ge=1, le=1_000_000, description=(
         "Most client connections held open at once; one more gets 503 with Retry-After and is "
         "closed (keep the service's open-file limit above it)."))

@@ -122,7 +122,8 @@ QUEUE_TIMEOUT_S: Final = 300.0
 
 WRITE_TIMEOUT_S: Final = 30.0
 """Longest a write to a client may block (``listen.write_timeout_s``): a client that stops
-reading a stream loses it after this long, and its coordinator slot is freed."""
+reading a stream loses it after this long, and its coordinator slot is freed (after an eighth
+of it while another request waits for a slot: ``tightwad.server.app.STALLED_SHARE``)."""
 
 MAX_CONNECTIONS: Final = 256
 """Most client connections the proxy holds open (``listen.max_connections``); one more gets 503

@@ -188,6 +188,11 @@ class Engine:
             return _queue_full(pool.waiting, limit)
         return None
 
+    def slot_wanted(self) -> bool:
+        """A request waits for a coordinator slot now."""
+        pool = self.servers.target_slots
+        return pool is not None and pool.waiting > 0
+
     async def _lease(self, prompt: Sequence[int]) -> int | Failed:
         """A coordinator slot, or why not: the queue is full, or none came free within
         ``limits.queue_timeout_s``."""

@@ -19,7 +19,8 @@ down gives 503 with ``Retry-After``; a stream already running ends with an error
 ``data: [DONE]``. A client that goes away cancels its request's upstream work: the runner
 cancels the handler (``handler_cancellation=True``), which closes the engine's generator.
 A client that takes longer than ``limits.body_timeout_s`` to send its body gets 408; one that
-stops reading its stream loses it after ``listen.write_timeout_s``. An error after a stream
+stops reading its stream loses it after ``listen.write_timeout_s`` (sooner while other
+requests wait for its slot). An error after a stream
 started (an upstream answer of the wrong shape, anything unexpected) ends it with an error event
 and ``[DONE]``, never a second status line. A request that would wait behind
 ``limits.max_queued`` others for a slot gets 429 before its body is read.
@@ -34,9 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import socket
+import sys
+import termios
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -218,13 +222,45 @@ STREAM_BUFFER_BYTES = 16 << 10
 the client (``listen.write_timeout_s`` at most)."""
 
 
-async def _drained(transport: asyncio.BaseTransport) -> None:
+STALLED_SHARE = 8
+"""While another request waits for a coordinator slot, a stream whose client takes no byte for
+``listen.write_timeout_s / STALLED_SHARE`` has stopped reading and gives its slot up: however
+many waves of slots they come in, eight stalled streams ahead of a waiting request cost it at
+most one write deadline (issue 15). A client that reads, however slowly, keeps its stream."""
+
+
+def _unsent(transport: asyncio.WriteTransport) -> int:
+    """Bytes not yet taken by the client: the transport's buffer and, where the OS tells
+    (Linux), the socket's send queue, so a slow reader's every acknowledged byte counts."""
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and hasattr(termios, "TIOCOUTQ"):
+        with contextlib.suppress(OSError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            unsent += int.from_bytes(queued, sys.byteorder, signed=True)
+    return unsent
+
+
+async def _drained(transport: asyncio.BaseTransport, timeout_s: float,
+                   contended: Callable[[], bool]) -> None:
     """Until ``transport`` holds at most STREAM_BUFFER_BYTES unsent (a poll: asyncio has no
-    public wait for a transport's buffer)."""
+    public wait for a transport's buffer). TimeoutError after ``timeout_s``, or sooner when
+    ``contended()`` (a request waits for a slot) and the client took nothing for
+    ``timeout_s / STALLED_SHARE``."""
     assert isinstance(transport, asyncio.WriteTransport)
+    loop = asyncio.get_running_loop()
+    started = progressed = loop.time()
+    unsent = _unsent(transport)
     while not transport.is_closing() and \
             transport.get_write_buffer_size() > STREAM_BUFFER_BYTES:
         await asyncio.sleep(0.05)
+        now, left = loop.time(), _unsent(transport)
+        if left < unsent:
+            progressed = now
+        unsent = left
+        if now - started >= timeout_s or \
+                (now - progressed >= timeout_s / STALLED_SHARE and contended()):
+            raise asyncio.TimeoutError
 
 
 class _Sse:
@@ -237,9 +273,10 @@ class _Sse:
     """
 
     def __init__(self, request: web.Request, headers: dict[str, str],
-                 write_timeout_s: float) -> None:
+                 write_timeout_s: float, contended: Callable[[], bool]) -> None:
         self.request = request
         self.write_timeout_s = write_timeout_s
+        self.contended = contended
         self.resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no", **headers})
@@ -264,10 +301,10 @@ class _Sse:
             transport = self.request.transport
             if transport is not None and \
                     transport.get_write_buffer_size() > STREAM_BUFFER_BYTES:
-                await asyncio.wait_for(_drained(transport), self.write_timeout_s)
+                await _drained(transport, self.write_timeout_s, self.contended)
         except asyncio.TimeoutError:
-            log.warning("a client stopped reading its stream for %g s (listen.write_timeout_s); "
-                        "ending it", self.write_timeout_s)
+            log.warning("a client stopped reading its stream (listen.write_timeout_s %g s, "
+                        "shorter while others wait for its slot); ending it", self.write_timeout_s)
             if self.request.transport is not None:
                 self.request.transport.abort()
             raise ConnectionResetError("the client stopped reading") from None
@@ -402,7 +439,8 @@ class _Reply:
         self.keepalive_s = listen.sse_keepalive_s
         self.ident = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.sse = _Sse(request, headers, listen.write_timeout_s) if parsed.stream else None
+        self.sse = _Sse(request, headers, listen.write_timeout_s,
+                        request.app[ENGINE].slot_wanted) if parsed.stream else None
 
     def _piece(self, **kw: Any) -> dict[str, Any]:
         return chunk(self.kind, self.ident, self.created, self.model,
