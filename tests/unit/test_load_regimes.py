@@ -78,3 +78,46 @@ def test_a_change_of_load_opens_a_window_at_the_new_level() -> None:
     regimes.drafting(3, 1.0)
     assert regimes.window is not None and regimes.window.level == 3
     assert regimes.drafting(0, 1.5) is True and regimes.window is None
+
+
+def test_where_target_only_won_at_a_lower_load_drafting_is_not_tried_at_a_higher() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    t = _run(regimes, 2, 0.0, 3 * W, {True: 4.0, False: 10.0})
+    assert regimes.best[2] is False
+    # Load rises: the first window at 5-8 streams runs target-only, and drafting is not
+    # measured there while the 3-4 stream evidence is fresh.
+    told = []
+    while t < 3 * W + 2 * REFRESH:
+        told.append(regimes.drafting(3, t))
+        regimes.observe(round((3.0 if told[-1] else 8.0) * 0.5), t, t + 0.5)
+        t += 0.5
+    assert not any(told), told.index(True)
+    assert True not in regimes.rates.get(3, {})
+    assert regimes.status()["5-8"]["drafting"] is False
+    # Once that evidence is older than EVIDENCE_REFRESHES periods, the level measures for itself.
+    t += LoadRegimes.EVIDENCE_REFRESHES * REFRESH
+    assert regimes.drafting(3, t) is True
+
+
+def test_where_drafting_won_at_a_higher_load_target_only_is_not_tried_at_a_lower() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    t = _run(regimes, 3, 0.0, 3 * W, {True: 12.0, False: 10.0})
+    assert regimes.rates[3][False][0] == 10.0 and regimes.best.get(3, True) is True
+    t = _run(regimes, 2, t, t + REFRESH, {True: 15.0, False: 10.0})
+    assert False not in regimes.rates.get(2, {})
+
+
+def test_its_own_measurements_outweigh_another_level() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    t = _run(regimes, 2, 0.0, 3 * W, {True: 4.0, False: 10.0})
+    # 5-8 streams measured both before 3-4 decided: its own decision (drafting) stands.
+    regimes.rates[3] = {True: (9.0, t), False: (8.5, t)}
+    assert regimes.drafting(3, t) is True
+
+
+def test_levels_that_disagree_imply_nothing() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    regimes.rates = {1: {True: (4.0, 0.0), False: (10.0, 0.0)},
+                     3: {True: (12.0, 0.0), False: (10.0, 0.0)}}
+    regimes.best = {1: False}
+    assert regimes.drafting(2, 1.0) is True  # measured first, as with nothing known

@@ -386,7 +386,15 @@ class LoadRegimes:
     level; the faster one runs (the other must be ``margin`` faster to take over), and the other
     is measured again once its rate is older than ``refresh_s``. Which regime runs changes only
     speed, never the output.
+
+    Load only takes from what drafting can win (every stream's verify rows share one batch), so
+    the levels inform each other: where target-only won at a lower level, drafting is not
+    measured at a higher one (nor target-only below a level where drafting won), as long as
+    that level's both rates are younger than ``EVIDENCE_REFRESHES`` refresh periods. A short
+    burst of load then does not spend its first windows on a regime known to lose.
     """
+
+    EVIDENCE_REFRESHES = 4
 
     def __init__(self, window_s: float, refresh_s: float, margin: float) -> None:
         self.window_s = window_s
@@ -414,11 +422,24 @@ class LoadRegimes:
             return True
         rates = self.rates.get(level, {})
         measuring = window.drafting if window is not None and window.level == level else None
+        implied = self._implied(level, now)
         stale = [regime for regime in (True, False) if regime != measuring
+                 and implied in (None, regime)
                  and (regime not in rates or now - rates[regime][1] > self.refresh_s)]
+        if len(rates) < 2 and implied is not None:
+            self.best[level] = implied  # until its own two rates decide (with the margin)
         regime = stale[0] if stale else self.best.get(level, True)
         self.window = _Window(level, regime, now)
         return regime
+
+    def _implied(self, level: int, now: float) -> bool | None:
+        """The regime the other levels' fresh decisions imply at ``level`` (None: no single
+        one): target-only where it won at a lower level, drafting where it won at a higher."""
+        horizon = self.EVIDENCE_REFRESHES * self.refresh_s
+        votes = {self.best.get(other, True) for other, rates in self.rates.items()
+                 if len(rates) == 2 and all(now - t <= horizon for _, t in rates.values())
+                 and (other < level) == (not self.best.get(other, True)) and other != level}
+        return votes.pop() if len(votes) == 1 else None
 
     def observe(self, tokens: int, started: float, ended: float) -> None:
         """A round that ran from ``started`` to ``ended`` emitted ``tokens``: it counts for the
