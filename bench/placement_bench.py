@@ -20,7 +20,9 @@ greedy ``/v1/completions``, timed by the wall clock) are then timed under both s
 interleaved (each repetition starts a fresh coordinator, and a fresh proxy on it, for each
 split, alternating which goes first); medians with their spread, the speed/memory ratios, and
 the predicted vs measured ms/token of each split (b). ``--uniform`` also runs the same with no
-throttle and no emulated link (the speed-aware rule should cost nothing there).
+throttle and no emulated link, each worker taken to hold only :data:`UNIFORM_SHARE` of the
+model (the product's case: a model that fits on none of the devices, only across all of them),
+where the speed-aware rule should cost nothing.
 
     python bench/placement_bench.py --repeats 3 --tokens 48 [--configs b,d] [--uniform] \
         [--json out.json]
@@ -52,6 +54,19 @@ from tightwad_dev.benchmodels import ensure_bench_models
 CTX = 1024
 PERIOD_US = 10_000
 PROMPT = "Once upon a time, in a drawer full of old computers,"
+UNIFORM_SHARE = 0.4
+"""In the uniform profile each worker's memory holds this share of the model (weights and KV
+cache): every split must use all three workers. (Without a bound the three share this machine's
+RAM, and the speed-aware rule rightly puts the whole model on one, saving two stages.)"""
+
+
+def memory_for(shape: placement.ModelShape, share: float) -> int:
+    """Free bytes of a device that can hold ``share`` of the model after placement's headroom."""
+    need = share * (shape.n_layer * (shape.layer_bytes + shape.kv_layer_bytes)
+                    + shape.output_bytes)
+    free = int(max(need + placement.HEADROOM_MIN, need / (1 - placement.HEADROOM_FRACTION)))
+    assert placement.usable(free) >= need
+    return free
 
 
 class Throttle:
@@ -214,7 +229,10 @@ def run_profile(args: argparse.Namespace, bin_dir: Path, model: Path, draft: Pat
             if m.skipped:
                 raise SystemExit(f"placement_bench: {m.rpc} was not measured: {m.skipped}")
         shape = probe.model_shape(model, CTX)
-        devices = [m.device(n) for m, n in zip(found, names)]
+        free = None if hetero else memory_for(shape, UNIFORM_SHARE)
+        devices = [m.device(n, free) for m, n in zip(found, names)]
+        if free is not None:
+            how += f"; each worker holds {UNIFORM_SHARE:.0%} of the model"
         splits = {"memory": placement.place(shape, devices, mode="memory"),
                   "speed": placement.place(shape, devices)}
         for key, p in splits.items():
