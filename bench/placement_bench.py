@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -64,7 +65,7 @@ def memory_for(shape: placement.ModelShape, share: float) -> int:
     """Free bytes of a device that can hold ``share`` of the model after placement's headroom."""
     need = share * (shape.n_layer * (shape.layer_bytes + shape.kv_layer_bytes)
                     + shape.output_bytes)
-    free = int(max(need + placement.HEADROOM_MIN, need / (1 - placement.HEADROOM_FRACTION)))
+    free = math.ceil(max(need + placement.HEADROOM_MIN, need / (1 - placement.HEADROOM_FRACTION)))
     assert placement.usable(free) >= need
     return free
 
