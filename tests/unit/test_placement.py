@@ -132,3 +132,17 @@ def test_rpc_order_changes_only_when_it_must():
     # The output's device is already the last one with layers: --rpc stays in inventory order.
     p = place(MODEL, [gpu("slow", 24.0, layer_ms=5.0), gpu("fast", 24.0)])
     assert held(p) == {"fast": 32} and p.order == (0, 1) and p.tensor_split == "0,33"
+
+
+def test_moving_layers_between_the_same_devices_needs_a_clear_win():
+    # Three devices that must all be used; per-layer times 20% apart (a busy machine's probe
+    # can be that wrong for identical devices): the split stays memory-proportional.
+    devices = [gpu(n, 2.0, layer_ms=ms, rtt_ms=0.0, bw=1e12)
+               for n, ms in (("a", 0.5), ("b", 0.6), ("c", 0.5))]
+    p = place(MODEL, devices)
+    assert p.mode == "memory" and "only moves layers" in p.reason, p.reason
+    assert p.split == tuple(placement.propose_split([d.free for d in devices]))
+    # 3x apart is a real difference: the faster devices get more layers.
+    devices[1] = gpu("b", 2.0, layer_ms=1.5, rtt_ms=0.0, bw=1e12)
+    p = place(MODEL, devices)
+    assert p.mode == "speed" and p.chosen.layers[1] < p.memory.layers[1]

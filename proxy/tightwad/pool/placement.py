@@ -124,6 +124,13 @@ TOP_N_ROW_BYTES = 3 * 32 * 4
 MAX_EXHAUSTIVE = 12
 """Up to this many devices every subset is tried; beyond, the fastest-first prefixes."""
 MODES = ("auto", "memory", "explicit")
+SPEED_MARGIN = 0.15
+"""A speed-aware split that only moves layers between the devices the memory-proportional one
+uses (the output layer where it is) replaces it only where predicted this much faster. Such a
+split bets on per-layer times alone, which a probe on a busy machine can get 2x wrong for
+identical devices (bench/placement_bench.py, uniform profile: 0.5-1.3 ms per layer; the split
+chosen on them ran at 0.87x); real junk differs by more. Leaving a host out or moving the output
+layer is decided by the link costs too, and is not held back."""
 
 
 class PlacementError(ValueError):
@@ -217,10 +224,11 @@ class Placement:
 
     def describe(self) -> str:
         """One paragraph: the split, the predicted costs, the alternative, why."""
+        names = [self.names[i] if i < len(self.names) else str(i)
+                 for i in range(len(self.chosen.layers))]
+
         def layers(e: Estimate) -> str:
-            return ", ".join(f"{self.names[i] if i < len(self.names) else i}: {n}"
-                             + (" +output" if i == e.output else "")
-                             for i, n in enumerate(e.layers) if n or i == e.output)
+            return _describe(e, names)
 
         def ms(e: Estimate) -> str:
             return (f"{e.ms_token:.1f} ms/token, {e.ms_verify:.1f} ms/verify"
@@ -356,6 +364,16 @@ def _weights(layers: Sequence[int], output: int, order: Sequence[int]) -> tuple[
     return tuple(float(layers[i] + (1 if i == output else 0)) for i in order)
 
 
+def _fits(model: ModelShape, devices: Sequence[Device], layers: Sequence[int],
+          output: int) -> bool:
+    return all(layers[i] <= capacity(model, d, i == output) for i, d in enumerate(devices))
+
+
+def _describe(e: Estimate, names: Sequence[str]) -> str:
+    return ", ".join(f"{names[i]}: {n}" + (" +output" if i == e.output else "")
+                     for i, n in enumerate(e.layers) if n or i == e.output)
+
+
 def place(model: ModelShape, devices: Sequence[Device], *, mode: str = "auto",
           explicit: Sequence[float] | None = None, k: int = 8,
           objective: str = "token") -> Placement:
@@ -424,6 +442,16 @@ def place(model: ModelShape, devices: Sequence[Device], *, mode: str = "auto",
                              f"{human_bytes(model.output_bytes)}); add a worker, lower the "
                              "context or the slots, or use a smaller quantization")
     chosen = best[1]
+    mem_value, value = ((memory.ms_verify, chosen.ms_verify) if objective == "verify"
+                        else (memory.ms_token, chosen.ms_token))
+    if mem_value is not None and value is not None and chosen.used == memory.used \
+            and chosen.output == memory.output and mem_value <= value * (1 + SPEED_MARGIN) \
+            and _fits(model, devices, mem_layers, mem_out):
+        return memory_placement(
+            f"proportional to free memory: the fastest split ({_describe(chosen, names)}) "
+            f"only moves layers between the same devices and is predicted "
+            f"{mem_value / value - 1:.0%} faster, under the {SPEED_MARGIN:.0%} that per-layer "
+            f"timings on a busy machine can be off by; {fits}")
     dropped = [names[i] for i in range(n) if i not in chosen.used]
     why = (f"fastest predicted of every set of devices that fits ({fits})"
            + (f"; left out {', '.join(dropped)} (they add more link and compute time than "

@@ -25,7 +25,6 @@ import argparse
 import json
 import mmap
 import re
-import statistics
 import struct
 import sys
 import tempfile
@@ -262,7 +261,9 @@ def measure_link(rpc: str, *, timeout: float = 2.0,
 
 
 def _timed(group: ProcessGroup, model: Path, rpc: str, repeats: int) -> tuple[float, float]:
-    """Median ms per decoded token and per (k+1)-token prompt batch of ``model`` on ``rpc``."""
+    """Fastest ms per decoded token and per (k+1)-token prompt batch of ``model`` on ``rpc``
+    over ``repeats`` (other work on a machine only adds time: the fastest run is the closest to
+    what the device itself costs)."""
     server = group.llama_server(model, name="probe", rpc=[rpc], ctx=256, slots=1, timeout=600,
                                 args=list(defaults.COORDINATOR_ARGS))
     try:
@@ -274,7 +275,7 @@ def _timed(group: ProcessGroup, model: Path, rpc: str, repeats: int) -> tuple[fl
             timings = server.post("/completion", body, timeout=300).get("timings") or {}
             decode.append(float(timings["predicted_ms"]) / max(1, int(timings["predicted_n"])))
             batch.append(float(timings["prompt_ms"]))
-        return statistics.median(decode), statistics.median(batch)
+        return min(decode), min(batch)
     finally:
         server.stop()
 
@@ -300,8 +301,8 @@ def measure_compute(m: Measurement, probe_models: dict[int, Path], bin_dir: Path
             for _ in range(2):
                 for n in (lo, hi):
                     runs[n].append(_timed(group, probe_models[n], m.rpc, repeats))
-                d_lo, b_lo = (statistics.median(x) for x in zip(*runs[lo]))
-                d_hi, b_hi = (statistics.median(x) for x in zip(*runs[hi]))
+                d_lo, b_lo = (min(x) for x in zip(*runs[lo]))
+                d_hi, b_hi = (min(x) for x in zip(*runs[hi]))
                 if d_hi > d_lo and b_hi > b_lo:
                     break
     except (ProcessFailed, OSError, KeyError, ValueError) as exc:
