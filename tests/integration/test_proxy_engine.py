@@ -5,7 +5,8 @@ Greedy identity: the proxy's remote-mode output must equal the target's own gree
 Batched verification differs from one-token decoding by float noise (docs/verify-api.md,
 Numerics), so at a near-tie of the target's top two tokens the argmax may flip. A divergence is
 accepted only when the proxy's and the reference's tokens are the target's top two at that
-position with log-probabilities within ``NEAR_TIE_TOL`` (the tolerance of tests/test_verify.py);
+position with log-probabilities within ``NEAR_TIE_TOL`` (twice the per-entry tolerance of
+tests/test_verify.py: both entries may move);
 such cases are counted and reported, anything else fails.
 
 Sampling: a chi-square test over the first generated token after fixed prompts cannot tell the
@@ -413,9 +414,14 @@ def test_concurrent_mixed_requests_equal_each_request_alone(spec_pool) -> None:
         if request.sampling.greedy and b.tokens != a.tokens:
             # Concurrent slots share the target's batches, so the verify batches differ from
             # the lone run's: only a near-tie may flip.
-            j = next(i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y)
-            gap = top_two_gap(spec_pool.coordinator, list(request.prompt) + a.tokens[:j],
-                              a.tokens[j], b.tokens[j])
+            # Where one output is a prefix of the other, the shorter took a token there that
+            # ended it (a stop string's), so only the longer's token is known.
+            j = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y),
+                     min(len(a.tokens), len(b.tokens)))
+            longer = a.tokens if len(a.tokens) > len(b.tokens) else b.tokens
+            gap = top_two_gap(spec_pool.coordinator, list(request.prompt) + longer[:j],
+                              *((a.tokens[j], b.tokens[j]) if j < min(len(a.tokens),
+                                len(b.tokens)) else (longer[j], None)))
             assert gap is not None and gap <= NEAR_TIE_TOL, \
                 f"request {request.prompt[:4]}... differs among others at token {j}"
             continue

@@ -158,10 +158,29 @@ def test_output_keeps_multibyte_characters_whole_and_resolves_pending_bytes() ->
     out = output()
     snowman = "☃".encode()  # three bytes, split over tokens
     taken = out.take([5, 6], [snowman[:1], None])  # the second token's bytes come later
-    assert taken.text == "" and out.pending == [6]
-    text, stopped = out.resolve([Position(TokenLogprob(6, snowman[1:], -1.0), ())])
-    assert text == "☃" and not stopped and out.pending == []
+    assert taken.text == "" and out.pending == [6] and taken.output == (5,)
+    resolved = out.resolve([Position(TokenLogprob(6, snowman[1:], -1.0), ())])
+    assert resolved.text == "☃" and resolved.reason is None and out.pending == []
+    assert resolved.output == (6,) and out.count == 2
     assert out.finish() == ""
+
+
+def test_a_stop_string_in_held_back_tokens_ends_the_output_where_it_does_in_text() -> None:
+    # A target-only burst: every token's bytes come a round later. The stop string is in the
+    # second: the third is neither output nor counted, as when the rounds had ended there.
+    out = output(stop=("b",))
+    taken = out.take([5, 6, 7], [None, None, None])
+    assert taken.output == () and taken.reason is None and out.count == 3
+    resolved = out.resolve([Position(TokenLogprob(t, raw, -1.0), ())
+                            for t, raw in ((5, b"a"), (6, b"b"), (7, b"c"))])
+    assert resolved.reason == "stop" and resolved.output == (5, 6) and out.count == 2
+    assert resolved.text + out.finish() == "a"
+    # An end-of-generation token among them ends it too.
+    out = output()
+    assert out.take([5, 0, 7], [None, None, None]).reason == "stop" and out.count == 2
+    resolved = out.resolve([Position(TokenLogprob(t, raw, -1.0), ())
+                            for t, raw in ((5, b"a"), (0, b""))])
+    assert resolved.reason == "stop" and resolved.output == (5, 0) and out.count == 2
 
 
 # -- OpenAI request parsing -------------------------------------------------------------------

@@ -26,6 +26,10 @@ class Taken:
     """The tokens consumed (their text may come later)."""
     reason: str | None
     """``stop`` or ``length`` when the output ended, else None."""
+    output: tuple[int, ...] = ()
+    """The tokens that are now certainly part of the output: those consumed whose text is known
+    (a held-back token is given by :meth:`Transcript.resolve`, unless a stop string ended the
+    output before it), so the output's ids and count do not depend on where rounds ended."""
 
 
 class Transcript:
@@ -44,38 +48,50 @@ class Transcript:
         """Consume tokens until one ends the output."""
         taken: list[int] = []
         text: list[str] = []
+
+        def result(reason: str | None) -> Taken:
+            known = len(taken) - len(self.pending)
+            return Taken("".join(text), tuple(taken), reason, tuple(taken[:max(0, known)]))
+
         for token, raw in zip(tokens, token_bytes):
             if self.count >= self.max_tokens:
-                return Taken("".join(text), tuple(taken), "length")
+                return result("length")
             taken.append(token)
             self.count += 1
-            if token in self.eog:
-                return Taken("".join(text), tuple(taken), "stop")
+            if token in self.eog and not self.pending:
+                return result("stop")
             if raw is None or self.pending:
                 self.pending.append(token)
+                if token in self.eog:
+                    return result("stop")
                 continue
             scan = self.text.push(raw)
             text.append(scan.text)
             if scan.stopped:
                 self.stopped = True
-                return Taken("".join(text), tuple(taken), "stop")
-        reason = "length" if self.count >= self.max_tokens else None
-        return Taken("".join(text), tuple(taken), reason)
+                return result("stop")
+        return result("length" if self.count >= self.max_tokens else None)
 
-    def resolve(self, positions: Sequence[Position]) -> tuple[str, bool]:
-        """The pending tokens' bytes, from prompt entries that score them; (text, stopped)."""
+    def resolve(self, positions: Sequence[Position]) -> Taken:
+        """The pending tokens' bytes, from prompt entries that score them: their text, the ids
+        now certainly in the output (``output``), and ``stop`` if a stop string ended it (the
+        pending tokens after that one are not part of the output, nor counted)."""
         ids = [p.token.id for p in positions]
         if ids != self.pending:
             raise VerifyMismatch(f"expected prompt entries for {self.pending}, got {ids}")
         self.pending = []
         text: list[str] = []
-        for position in positions:
+        for i, position in enumerate(positions):
+            if position.token.id in self.eog:
+                self.count -= len(ids) - i - 1
+                return Taken("".join(text), tuple(ids), "stop", tuple(ids[:i + 1]))
             scan = self.text.push(position.token.bytes)
             text.append(scan.text)
             if scan.stopped:
                 self.stopped = True
-                return "".join(text), True
-        return "".join(text), False
+                self.count -= len(ids) - i - 1
+                return Taken("".join(text), tuple(ids), "stop", tuple(ids[:i + 1]))
+        return Taken("".join(text), tuple(ids), None, tuple(ids))
 
     def finish(self) -> str:
         """What the stream still held back (a partial character, a possible stop string)."""

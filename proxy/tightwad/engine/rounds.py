@@ -120,13 +120,13 @@ class SpeculativeRun:
                 ahead = self._continue(draft)
                 verify, verify_s = await verifying
                 if pending:  # the bytes of last round's final token, scored as a prompt token
-                    text, stopped = self.transcript.resolve(verify.prompt_probs[:pending])
+                    resolved = self.transcript.resolve(verify.prompt_probs[:pending])
                     verify = dataclasses.replace(verify,
                                                  prompt_probs=verify.prompt_probs[pending:])
-                    if text:
-                        yield TextDelta(text, ())
-                    if stopped:
-                        reason = "stop"
+                    if resolved.text or resolved.output:
+                        yield TextDelta(resolved.text, resolved.output)
+                    if resolved.reason:
+                        reason = resolved.reason
                         break
                 outcome = self._decide(draft, verify, verify_s, pending)
                 delta, reason = self._emit(draft, outcome, verify_s)
@@ -296,7 +296,7 @@ class SpeculativeRun:
             drafted=len(draft.tokens), accepted=outcome.accepted, tokens=len(taken.tokens),
             draft_seconds=draft.seconds, verify_seconds=verify_s))
         self.stats.alpha = self.learned.acceptance[self.params.greedy].mean
-        delta = TextDelta(taken.text, taken.tokens) if taken.text or taken.tokens else None
+        delta = TextDelta(taken.text, taken.output) if taken.text or taken.output else None
         return delta, taken.reason
 
     async def _finish(self, reason: str) -> AsyncGenerator[Event, None]:
@@ -304,9 +304,9 @@ class SpeculativeRun:
         if transcript.pending:  # the last token ended inside a character: ask for its bytes
             m = len(transcript.pending)
             res = await self.servers.verify(self.context, [], scored=m, id_slot=self.slot)
-            text, _ = transcript.resolve(res.prompt_probs[-m:])
-            if text:
-                yield TextDelta(text, ())
+            resolved = transcript.resolve(res.prompt_probs[-m:])
+            if resolved.text or resolved.output:
+                yield TextDelta(resolved.text, resolved.output)
         if tail := transcript.finish():
             yield TextDelta(tail, ())
         yield Finished(reason, len(self.request.prompt), transcript.count, self.stats)

@@ -445,6 +445,7 @@ def place(model: ModelShape, devices: Sequence[Device], *, mode: str = "auto",
     mem_value, value = ((memory.ms_verify, chosen.ms_verify) if objective == "verify"
                         else (memory.ms_token, chosen.ms_token))
     if mem_value is not None and value is not None and chosen.used == memory.used \
+            and (chosen.layers, chosen.output) != (memory.layers, memory.output) \
             and mem_value <= value * (1 + SPEED_MARGIN) \
             and _fits(model, devices, mem_layers, mem_out):
         return memory_placement(
