@@ -8,34 +8,50 @@ It cannot run the binary (no GPU here); it proves the flags the role chooses for
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
 
 from tightwad import build as llama_build
 
-pytestmark = pytest.mark.slow
+# The suite's 600 s default stops the compile a third of the way in; an interrupted build
+# keeps its objects, so a rerun resumes where this one stopped.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(7200)]
 
 
 def _toolkit_gap() -> str | None:
     """Why the local CUDA toolkit cannot build llama.cpp's CUDA backend (None: it can). The
-    backend links cuBLAS; a toolkit installed without it fails at cmake's configure step."""
+    backend links cuBLAS and the driver library (libcuda: the driver's, or the link-only stub a
+    toolkit keeps in lib/stubs); a toolkit without them fails at cmake's configure step."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return "nvcc is not installed"
     probe = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"nvcc does not run: {probe.stderr.strip()[:200]}"
-    # nvcc may be a wrapper script: the toolkit is where `nvcc -v` says its includes are.
+    # nvcc may be a wrapper script: the toolkit is where `nvcc -v` says its -I and -L dirs are
+    # (it prints them quoted: "-I/usr/local/cuda/include").
     dry = subprocess.run([nvcc, "-v", "--dryrun", "-x", "cu", "-c", "/dev/null"],
                          capture_output=True, text=True)
-    roots = {Path(nvcc).resolve().parent.parent}
-    roots |= {Path(word[len("-I"):].strip('"')).parent for line in dry.stderr.splitlines()
-              for word in line.split() if word.startswith("-I") and "include" in word}
-    if not any(any(root.glob("**/cublas_v2.h")) for root in roots if root.is_dir()):
+    said = re.findall(r'-([IL])([^"\s]+)', dry.stderr)
+    root = Path(nvcc).resolve().parent.parent
+    includes = {root / "include", Path("/usr/include"), *(Path(p) for f, p in said if f == "I")}
+    multiarch = Path("/usr/lib") / (sysconfig.get_config_var("MULTIARCH") or "")
+    libs = {root / "lib64", root / "lib64" / "stubs", multiarch, Path("/usr/lib64"),
+            Path("/usr/lib"), *(Path(p) for f, p in said if f == "L")}
+    if not any((d / "cublas_v2.h").is_file() for d in includes):
         return "the CUDA toolkit here has no cuBLAS (cublas_v2.h), which the CUDA backend links"
+    # cmake's FindCUDAToolkit links the unversioned names.
+    missing = [f"lib{n}.so" for n in ("cublas", "cublasLt", "cuda")
+               if not any((d / f"lib{n}.so").is_file() for d in libs)]
+    if missing:
+        where = (" (libcuda.so: the driver's, or the link-only stub in the toolkit's lib/stubs)"
+                 if "libcuda.so" in missing else "")
+        return f"the CUDA toolkit here lacks {', '.join(missing)}{where}, which the backend links"
     return None
 
 
