@@ -199,7 +199,7 @@ def test_a_client_that_reads_slowly_keeps_its_stream_while_others_wait(
         make_proxy: Callable[..., ProxyThread]) -> None:
     """A client that reads more slowly than the tokens come keeps its stream whole, though a
     request waits for its slot the whole time: every byte it takes counts as reading.
-    (On loopback the client's TCP window opens in steps of half its receive buffer, ~1 s
+    (On loopback the client's TCP window opens in steps of half its receive buffer, ~0.5 s
     apart at this pace, so the deadline's eighth here is 2 s.)"""
     proxy = _proxy(make_proxy, target[1], slots=1, write_timeout_s=16.0)
     post_json(proxy.url, "/v1/completions", SHORT)
@@ -212,16 +212,21 @@ def test_a_client_that_reads_slowly_keeps_its_stream_while_others_wait(
             stream(proxy.url, "/v1/completions", SHORT, timeout=120)), daemon=True)
         thread.start()
         assert _wait(lambda: _queued(proxy) == 1, 30) is not None
-        time.sleep(2.0)  # the buffers fill: from here on the proxy's writes wait for the client
-        assert _queued(proxy) == 1
+        # At most 256 bytes per 50 ms: the ~60 KB of 300 tokens take over 11 s to read, while
+        # the small model makes them in a few, so the buffers fill and the proxy's writes wait
+        # on this client, with a request queued behind it all along.
         received = b""
         sock.settimeout(30)
+        started = time.monotonic()
+        queued_midway = None
         while not received.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end
-            chunk = sock.recv(256)  # ~5 KB/s: slower than the tokens come
+            chunk = sock.recv(256)
             if not chunk:
                 break
             received += chunk
             time.sleep(0.05)
+            if queued_midway is None and time.monotonic() - started > 5:
+                queued_midway = _queued(proxy)
     finally:
         sock.close()
     events = [line[len(b"data: "):] for line in received.split(b"\n")
@@ -230,6 +235,7 @@ def test_a_client_that_reads_slowly_keeps_its_stream_while_others_wait(
     pieces = [json.loads(e) for e in events[:-1] if e.startswith(b"{")]
     assert not any("error" in p for p in pieces), pieces[-1]
     assert pieces[-1]["choices"][0]["finish_reason"] == "length"
+    assert queued_midway == 1
     thread.join(120)
     assert waiter and waiter[0].clean and waiter[0].text, waiter
 
