@@ -436,9 +436,11 @@ class LoadRegimes:
         """The regime the other levels' fresh decisions imply at ``level`` (None: no single
         one): target-only where it won at a lower level, drafting where it won at a higher."""
         horizon = self.EVIDENCE_REFRESHES * self.refresh_s
-        votes = {self.best.get(other, True) for other, rates in self.rates.items()
-                 if len(rates) == 2 and all(now - t <= horizon for _, t in rates.values())
-                 and (other < level) == (not self.best.get(other, True)) and other != level}
+        fresh = {other: self.best.get(other, True) for other, rates in self.rates.items()
+                 if other != level and len(rates) == 2
+                 and all(now - t <= horizon for _, t in rates.values())}
+        # Target-only (False) below this level, or drafting (True) above it, says something.
+        votes = {best for other, best in fresh.items() if (other < level) != best}
         return votes.pop() if len(votes) == 1 else None
 
     def observe(self, tokens: int, started: float, ended: float) -> None:

@@ -227,16 +227,14 @@ class Placement:
         names = [self.names[i] if i < len(self.names) else str(i)
                  for i in range(len(self.chosen.layers))]
 
-        def layers(e: Estimate) -> str:
-            return _describe(e, names)
-
         def ms(e: Estimate) -> str:
             return (f"{e.ms_token:.1f} ms/token, {e.ms_verify:.1f} ms/verify"
                     if e.ms_token is not None and e.ms_verify is not None else "not predicted")
 
-        text = f"{self.mode}: layers {layers(self.chosen)} ({ms(self.chosen)})"
+        text = f"{self.mode}: layers {_describe(self.chosen, names)} ({ms(self.chosen)})"
         if self.mode != "memory":
-            text += f"; memory-proportional: {layers(self.memory)} ({ms(self.memory)})"
+            text += (f"; memory-proportional: {_describe(self.memory, names)} "
+                     f"({ms(self.memory)})")
         return f"{text}; {self.reason}"
 
     def as_dict(self) -> dict[str, object]:
