@@ -94,10 +94,10 @@ REGIME_REFRESH_S: Final = 30.0
 tenth of the time goes to the slower one."""
 
 TARGET_ONLY_BURST: Final = 8
-"""Tokens a round without a draft asks the coordinator for when drafting is paused (it cannot
-pay at the current load) or hopeless for a request: one call instead of one per token, as a
-plain pass-through would decode them. Small enough that drafting can resume within a few
-tokens, and that text still streams out in small pieces."""
+"""Where drafting is paused (it cannot pay at the current load), hopeless for a request or the
+drafter is down, the target streams its own tokens in one generation; every this many tokens
+the next round is planned (one round for the load regimes and probes), and the stream is cut
+where it may draft. Small enough that drafting resumes within a few tokens."""
 
 SSE_KEEPALIVE_S: Final = 10.0
 """How often a waiting stream (queued, or prefilling a long prompt) sends an SSE comment line,

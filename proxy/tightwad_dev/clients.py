@@ -74,7 +74,7 @@ class StreamResult:
 
 def _conn(url: str, timeout: float) -> http.client.HTTPConnection:
     parts = urlsplit(url)
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
 
 
 def stream(url: str, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None,

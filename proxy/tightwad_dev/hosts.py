@@ -331,7 +331,7 @@ def _build_rootfs(tmp: Path, packages: Sequence[str], suite: str, mirror: str) -
     (tmp / "ssh").mkdir(mode=0o700)
     key = tmp / "ssh" / "id_ed25519"
     _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tightwad-test-hosts",
-          "-f", key])
+          "-f", str(key)])
     ssh_dir = rootfs / "root" / ".ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     (ssh_dir / "authorized_keys").write_text(Path(f"{key}.pub").read_text())

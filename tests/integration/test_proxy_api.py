@@ -398,8 +398,8 @@ def test_client_disconnect_cancels_the_upstream_work(spec_pool, spec_proxy) -> N
         resp.readline()
     conn.close()
     assert wait_idle(5) < 5, "the proxy kept streaming to a client that left"
-    # A call already on the coordinator runs to its end (a round, or a burst of at most
-    # TARGET_ONLY_BURST tokens): idle within seconds, not after the 2000 tokens asked for.
+    # A verify already on the coordinator runs to its end, and a target-only stream is closed:
+    # idle within seconds, not after the 2000 tokens asked for.
     t0 = time.monotonic()
     while busy := [s for s in spec_pool.coordinator.get("/slots") if s.get("is_processing")]:
         assert time.monotonic() - t0 < 3, f"the coordinator is still generating for a " \

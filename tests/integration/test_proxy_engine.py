@@ -527,7 +527,7 @@ def test_stalled_drafter_costs_speed_not_answers_and_drafting_resumes(spec_pool,
     stalled, during, again, after = asyncio.run(scenario())
     assert stalled.failed is None and stalled.tokens == ref["tokens"]
     assert stalled.finished.stats.fallbacks > 0 and stalled.finished.stats.drafted == 0
-    # with the drafter out, rounds take bursts of the target's tokens, not one token each
+    # with the drafter out, the target streams its tokens (a round per 8), not one call each
     assert stalled.finished.stats.rounds <= 48 // 4, stalled.finished.stats
     assert during["drafter"]["available"] is False
     assert again.tokens == ref["tokens"]

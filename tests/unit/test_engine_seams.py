@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import pytest
@@ -19,7 +19,13 @@ from tightwad.decoding.tokens import Position, TokenLogprob
 from tightwad.engine.engine import Engine, Failed, Finished, GenerationRequest, TextDelta
 from tightwad.engine.servers import Drafted, DrafterGate, NoDraft, Servers, TargetInfo
 from tightwad.engine.telemetry import Round, Telemetry
-from tightwad.llamaserver.wire import Completion, CompletionRequest, Props, verify_limit_in
+from tightwad.llamaserver.wire import (
+    Completion,
+    CompletionRequest,
+    Props,
+    StreamChunk,
+    verify_limit_in,
+)
 
 VOCAB = 26  # token i is the letter chr(97 + i); the toy model counts up the alphabet
 
@@ -53,7 +59,8 @@ class FakeServers(Servers):
         self.drafter_model = "toy-draft.gguf"
         self.drafts: list[int] = []
         self.foreign = 0
-        self.bursts: list[int] = []  # n_predict of each verify
+        self.verifies = 0
+        self.streamed: list[int] = []  # tokens read from each target-only stream
         self.leased: list[int] = []
         self.target_info_value = TargetInfo(
             Props(total_slots=1, n_ctx=64, model="toy.gguf", bos_token="", eos_token="",
@@ -92,17 +99,15 @@ class FakeServers(Servers):
     async def verify(self, context: Sequence[int], draft: Sequence[int], *, scored: int = 0,
                      sampling: SamplingParams = SamplingParams(temperature=0.0),
                      seed: int | None = None, n_probs: int = 1, id_slot: int = -1,
-                     ignore_eos: bool = False, n_predict: int = 1) -> Completion:
-        self.bursts.append(n_predict)
+                     ignore_eos: bool = False) -> Completion:
+        self.verifies += 1
         if self.verify_sleep:
             await asyncio.sleep(self.verify_sleep)
         if draft and list(draft) != self._drafted(context, len(draft)):
             self.foreign += 1
         seq = [*context, *draft]
         first = len(seq) - scored - len(draft)
-        generated = list(seq)
-        for _ in range(n_predict):
-            generated.append(toy_next(generated))
+        generated = [*seq, toy_next(seq)]
         after = tuple(generated[len(seq):])
         return Completion(
             tokens=after, content="".join(chr(97 + t) for t in after), stop_type="limit",
@@ -110,6 +115,17 @@ class FakeServers(Servers):
                                                                               len(generated))),
             prompt_probs=tuple(_position(seq[:i], seq[i]) for i in range(first, len(seq))),
             has_prompt_probs=True)
+
+    async def stream(self, request: CompletionRequest) -> AsyncGenerator[StreamChunk, None]:
+        """The toy model's tokens one chunk each, as llama-server streams them; records how
+        many the engine read before it closed the stream."""
+        self.streamed.append(0)
+        seq = list(request.prompt)
+        for n in range(1, request.n_predict + 1):
+            seq.append(toy_next(seq))
+            self.streamed[-1] += 1
+            yield StreamChunk(chr(97 + seq[-1]), (seq[-1],), False, n_predicted=n)
+        yield StreamChunk("", (), True, "limit", request.n_predict)
 
     async def draft(self, request: CompletionRequest) -> Drafted | NoDraft:
         if self.draft_mode == "down":
@@ -161,9 +177,10 @@ def test_a_failing_drafter_gives_the_target_alone_output_and_counted_fallbacks()
     assert text == "bcdefghijklmnopqrstu"
     assert (finished.reason, finished.completion_tokens) == ("length", 20)
     stats = finished.stats
-    # With the drafter down, a round asks the target for a burst of tokens, then tries the
-    # drafter again: bursts of 8, 8, then the 4 left.
-    assert servers.bursts == [8, 8, 4], servers.bursts
+    # With the drafter down, the target streams its own tokens, and the stream is cut every
+    # TARGET_ONLY_BURST (8) tokens to try the drafter again: 8, 8, then the 4 left. No verify.
+    assert servers.streamed == [8, 8, 4], servers.streamed
+    assert servers.verifies == 0
     assert stats.drafted == 0 and stats.rounds == 3 and stats.fallbacks == 3
     status = engine.status()["stats"]
     assert status["fallbacks"] == 3 and status["drafted"] == 0 and status["tokens"] == 20
@@ -244,13 +261,14 @@ def test_where_drafting_cannot_pay_rounds_go_without_a_draft_and_it_says_so() ->
     engine = Engine(config, servers=servers)
     text, first = _generate(engine, [0], 6)
     assert text == "bcdefg" and first.stats.drafted > 0  # nothing known yet: it drafted
-    drafts = len(servers.drafts)
+    drafts, verifies = len(servers.drafts), servers.verifies
     text, second = _generate(engine, [0], 6)
     assert text == "bcdefg"  # the target's own output all the same
     assert len(servers.drafts) == drafts and second.stats.drafted == 0  # no draft asked
     assert second.stats.fallbacks == 0  # paused, not failing
-    # paused: the target's tokens in one call (a burst), not one call per token
-    assert second.stats.rounds == 1 and servers.bursts[-1] == 6, servers.bursts
+    # paused: the target's tokens in one stream, not one call per token
+    assert second.stats.rounds == 1 and servers.streamed[-1] == 6, servers.streamed
+    assert servers.verifies == verifies  # and no verify
     status = engine.status()["speculation"]
     assert status["drafting"] is False, status
     assert status["reason"].startswith("compute-bound at 1 stream: best k=1 predicts")

@@ -316,3 +316,25 @@ def test_status_reports_groups_and_waits() -> None:
     assert status["groups"] == gate.stats.groups
     assert status["one_call_per_group"] is True
     assert sum(status["groups_by_reason"].values()) == status["groups"]
+
+
+def test_a_stream_that_steps_aside_is_not_waited_for() -> None:
+    # "a" answered a verify and is expected back; "b"'s verify waits for it until "a" steps
+    # aside (it streams target-only tokens and sends no verify for now), then goes at once.
+    gate: VerifyGather[str, str] = VerifyGather(5.0)
+    server = Coordinator()
+
+    async def main() -> tuple[bool, str]:
+        gate.join("a")
+        gate.join("b")
+        await gate.send("a", "a0", server.one, server.many)
+        gate.state.verify_s = 5.0  # a verify "takes" long: the window in force is the whole 5 s
+        waiting = asyncio.ensure_future(gate.send("b", "b0", server.one, server.many))
+        await asyncio.sleep(0.1)
+        held = not waiting.done()
+        gate.aside("a")
+        return held, await asyncio.wait_for(waiting, 1.0)
+
+    held, answer = asyncio.run(main())
+    assert held and answer == "B0"
+    assert gate.state.streams["a"].state == "new"

@@ -66,18 +66,21 @@ def test_unlisted_bonus_token_is_emitted_with_its_bytes_pending() -> None:
     assert out.tokens == (5, 12) and out.token_bytes == (b"<5>", None)
 
 
-def test_a_target_only_burst_emits_the_servers_tokens_with_what_bytes_it_listed() -> None:
-    # No draft, n_predict 3: the server's own tokens; the ones it listed have bytes, the others
-    # (a step asked for no lists) wait for the next verify.
-    burst = Completion(tokens=(7, 8, 9), content="", stop_type="limit",
-                       probs=(pos(7, [(7, -0.1)]), pos(8, [(8, -0.2)])),
-                       prompt_probs=(), has_prompt_probs=True)
-    out = decide_round([], [], burst, GREEDY, Rng(0), 1)
-    assert out.tokens == (7, 8, 9) and out.token_bytes == (b"<7>", b"<8>", None)
+def test_a_target_only_step_emits_the_servers_token_with_the_bytes_it_listed() -> None:
+    # No draft: the server's own token; with a list its bytes are known, without one it waits
+    # for the next verify.
+    step = Completion(tokens=(7,), content="", stop_type="limit", probs=(pos(7, [(7, -0.1)]),),
+                      prompt_probs=(), has_prompt_probs=True)
+    out = decide_round([], [], step, GREEDY, Rng(0), 1)
+    assert out.tokens == (7,) and out.token_bytes == (b"<7>",)
     assert (out.drafted, out.accepted, out.cut) == (0, 0, False)
-    with pytest.raises(VerifyMismatch):  # a drafted round must generate exactly one token
-        decide_round([7], [], dataclasses.replace(burst, prompt_probs=(pos(7, [(7, -0.1)]),)),
-                     GREEDY, Rng(0), 1)
+    bare = decide_round([], [], dataclasses.replace(step, probs=()), GREEDY, Rng(0), 1)
+    assert bare.tokens == (7,) and bare.token_bytes == (None,)
+    several = dataclasses.replace(step, tokens=(7, 8), prompt_probs=(pos(7, [(7, -0.1)]),))
+    for draft in ([], [7]):  # every verify generates exactly one token
+        with pytest.raises(VerifyMismatch):
+            decide_round(draft, [], several if draft else dataclasses.replace(
+                several, prompt_probs=()), GREEDY, Rng(0), 1)
 
 
 def test_verify_for_other_tokens_is_refused() -> None:

@@ -132,15 +132,10 @@ def decide_round(draft: Sequence[int], q: Sequence[SparseDist], verify: ServerAn
     """Accept/reject ``draft`` against the target's verify answer.
 
     ``verify`` is the answer to context + draft with ``prompt_logprobs = len(draft)`` and
-    ``n_predict = 1``; for an empty draft, a plain step of one token or more (a target-only
-    burst: the server's own tokens, which are the target's by construction).
+    ``n_predict = 1``; for an empty draft, a plain step (the server's own token, the target's
+    by construction).
     """
     k = len(draft)
-    if not k and len(verify.tokens) > 1:
-        known = _byte_map(verify)
-        return Outcome(tokens=tuple(verify.tokens),
-                       token_bytes=tuple(known.get(t) for t in verify.tokens),
-                       drafted=0, accepted=0)
     if len(verify.prompt_probs) != k:
         raise VerifyMismatch(f"verify returned {len(verify.prompt_probs)} prompt positions for "
                              f"a draft of {k}")

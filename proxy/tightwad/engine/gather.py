@@ -110,7 +110,8 @@ class GatherState:
         s.state, s.arrived = "waiting", now
 
     def abandon(self, key: Hashable) -> None:
-        """A waiting verify was cancelled (its request ended): nobody waits for that stream."""
+        """A waiting verify was cancelled (its request ended), or the stream decodes without
+        verifies for now: nobody waits for it."""
         if (s := self.streams.get(key)) is not None:
             s.state = "new"
 
@@ -269,6 +270,12 @@ class VerifyGather(Generic[P, R]):
     def leave(self, key: Hashable) -> None:
         self.state.leave(key)
         self._check()
+
+    def aside(self, key: Hashable) -> None:
+        """This stream sends no verify for now (it streams target-only): nobody waits for it."""
+        if key in self.state.streams:
+            self.state.abandon(key)
+            self._check()
 
     async def send(self, key: Hashable, payload: P, one: Callable[[P], Awaitable[R]],
                    many: Callable[[list[P]], Awaitable[list[R]]]) -> R:

@@ -6,8 +6,9 @@ target pass (``prompt_logprobs``, docs/verify-api.md), decide with
 drafter/target pair learned, at the current load (:class:`tightwad.engine.learning.PairLearning`),
 and every round teaches it. A round without a draft (drafting paused, or the drafter down,
 slow, busy or erroring, see :meth:`tightwad.engine.servers.Servers.draft`) runs target-only: the
-target's own next token, or a burst of them where the next round would not draft either
-(:meth:`SpeculativeRun._burst`). No HTTP here.
+target's own next token, or, where the next rounds would not draft either, one streamed
+generation that re-plans every ``TARGET_ONLY_BURST`` tokens and is cut when a draft may come
+(:meth:`SpeculativeRun._target_only`). No HTTP here.
 
 Overlapped drafting: while the target verifies a draft, the drafter continues it (the context
 plus the whole draft, one token more than the next k). If the verify accepts every drafted token
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 
 from tightwad import defaults
 from tightwad.config import SpeculationConfig
-from tightwad.decoding.acceptance import Outcome, decide_round, usable_draft
+from tightwad.decoding.acceptance import Outcome, VerifyMismatch, decide_round, usable_draft
 from tightwad.decoding.sampling import Rng, SamplingParams, SparseDist
 from tightwad.decoding.speculation import round_timed
 from tightwad.decoding.transcript import Transcript
@@ -35,7 +36,7 @@ from tightwad.engine.events import Event, Finished, GenerationRequest, TextDelta
 from tightwad.engine.learning import PairLearning
 from tightwad.engine.servers import NoDraft, Servers, TargetInfo
 from tightwad.engine.telemetry import RequestStats, Round, Telemetry
-from tightwad.llamaserver.wire import Completion, CompletionRequest
+from tightwad.llamaserver.wire import Completion, CompletionRequest, StreamChunk
 
 
 @dataclass
@@ -100,6 +101,8 @@ class SpeculativeRun:
         self.paused = False  # drafting paused at this load (this round's plan)
         self.round_started = 0.0  # when this round was planned (monotonic)
         self.drafter_out = False  # the last draft failed: the drafter is down or erring
+        self.planned: int | None = None  # the next round's k, planned when a stream was cut
+        self.ended: str | None = None  # why the output ended inside a streamed segment
 
     async def events(self) -> AsyncGenerator[Event, None]:
         """:class:`TextDelta` per round that produced text, then :class:`Finished`."""
@@ -111,11 +114,17 @@ class SpeculativeRun:
                     reason = "length"
                     break
                 pending = len(self.transcript.pending)
-                k = self._plan_k(pending)
+                k = self._plan_k(pending) if self.planned is None else self.planned
+                self.planned = None
                 draft = await self._continued(ahead, k)
                 ahead = None
                 if draft is None:
                     draft = await self._draft(k)
+                if not draft.tokens and not pending and self._alone_ahead():
+                    async for streamed in self._target_only():
+                        yield streamed
+                    reason = self.ended
+                    continue
                 verifying = asyncio.ensure_future(self._verify(draft, pending))
                 ahead = self._continue(draft)
                 verify, verify_s = await verifying
@@ -241,16 +250,67 @@ class SpeculativeRun:
             await ahead.task
         self.telemetry.on_continuation(False)
 
-    def _burst(self) -> int:
-        """Tokens a round without a draft asks for. Several in one call where the next round
-        would not draft either: drafting paused at this load, hopeless for this request, or the
-        drafter down (it is retried after the burst). One where a draft may come next round: a
-        busy drafter, a cut verify, a round that measures target-only speed."""
-        if not (self.paused or not self.may_draft or self.drafter_out):
-            return 1
-        return max(1, min(defaults.TARGET_ONLY_BURST,
-                          self.request.max_tokens - self.transcript.count,
-                          self._room(), self.info.verify_limit))
+    def _alone_ahead(self) -> bool:
+        """Whether the rounds after this one would not draft either: drafting paused at this
+        load, hopeless for this request, or the drafter down (it is asked again every
+        ``TARGET_ONLY_BURST`` tokens). Not after a busy drafter, a cut verify, or a round that
+        measures target-only speed: a draft may come next round."""
+        return self.paused or not self.may_draft or self.drafter_out
+
+    async def _target_only(self) -> AsyncGenerator[TextDelta, None]:
+        """Target-only decoding as ONE streamed generation on the request's slot: the
+        server's own tokens (the target's, greedy or sampled), each step in the coordinator's
+        shared batch, with no call per token and no round that scores them again. Every
+        ``TARGET_ONLY_BURST`` tokens the next round is planned, and the stream is cut (closing
+        it stops the server) when that round may draft. Sets :attr:`ended` when the output
+        ended."""
+        params = self.params
+        self.ended = None
+        stream = self.servers.stream(CompletionRequest(
+            prompt=self.context, n_predict=max(1, min(
+                self.request.max_tokens - self.transcript.count, self._room())),
+            sampling=params, seed=None if params.greedy else int(self.rng.uniform() * 2 ** 32),
+            id_slot=self.slot, ignore_eos=self.request.ignore_eos))
+        group, since, named = 0, self.round_started, 0
+        self.appended = 0
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                named += len(chunk.tokens)
+                if named != chunk.n_predicted:  # a coordinator without patch 0006
+                    raise VerifyMismatch(f"the stream named {named} tokens of "
+                                         f"{chunk.n_predicted} generated")
+                taken = self.transcript.take(chunk.tokens, _chunk_bytes(chunk))
+                self.context.extend(taken.tokens)
+                self.appended += len(taken.tokens)
+                group += len(taken.tokens)
+                if taken.text or taken.output:
+                    yield TextDelta(taken.text, taken.output)
+                if taken.reason or chunk.stop or group >= defaults.TARGET_ONLY_BURST:
+                    self._streamed(group, since)
+                    group, since = 0, time.monotonic()
+                if taken.reason:
+                    self.ended = taken.reason
+                    return
+                if chunk.stop:
+                    return
+                if not group:  # a group ended: plan the next round; cut where it may draft
+                    k = self._plan_k(0)
+                    if k > 0 and self.may_draft and not self.paused:
+                        self.planned = k
+                        return
+        if group:
+            self._streamed(group, since)
+
+    def _streamed(self, tokens: int, since: float) -> None:
+        """Count ``tokens`` a stream gave since ``since`` as one target-only round."""
+        now = time.monotonic()
+        seconds = now - since
+        # The request's first round evaluates its whole prompt: not a step's cost.
+        self.learned.observe_round(self.params.greedy, self.streams, 0, 0, None,
+                                   seconds / max(1, tokens), self.stats.rounds > 0)
+        self.learned.observe_tokens(tokens, since, now)
+        self.telemetry.on_round(self.stats, Round(drafted=0, accepted=0, tokens=tokens,
+                                                  draft_seconds=None, verify_seconds=seconds))
 
     async def _verify(self, draft: Draft, pending: int) -> tuple[Completion, float]:
         """One target pass over the draft (and the ``pending`` tokens whose bytes are still
@@ -265,8 +325,7 @@ class SpeculativeRun:
         t0 = time.monotonic()
         verify = await self.servers.verify(
             self.context, draft.tokens, scored=pending, sampling=params, seed=seed,
-            n_probs=n_probs, id_slot=self.slot, ignore_eos=self.request.ignore_eos,
-            n_predict=1 if draft.tokens else self._burst())
+            n_probs=n_probs, id_slot=self.slot, ignore_eos=self.request.ignore_eos)
         return verify, time.monotonic() - t0
 
     def _decide(self, draft: Draft, verify: Completion, verify_s: float,
@@ -278,10 +337,8 @@ class SpeculativeRun:
         drafted = len(draft.tokens)
         timed = round_timed(self.stats.rounds, verify.timings.prompt_n, drafted,
                             self.appended, pending)
-        # A burst's time per token is what target-only decoding costs (what drafting must beat)
-        per_step = verify_s / max(1, len(verify.tokens)) if not drafted else verify_s
         self.learned.observe_round(self.params.greedy, self.streams, drafted, outcome.accepted,
-                                   draft.seconds, per_step, timed)
+                                   draft.seconds, verify_s, timed)
         return outcome
 
     def _emit(self, draft: Draft, outcome: Outcome,
@@ -310,3 +367,18 @@ class SpeculativeRun:
         if tail := transcript.finish():
             yield TextDelta(tail, ())
         yield Finished(reason, len(self.request.prompt), transcript.count, self.stats)
+
+
+def _chunk_bytes(chunk: StreamChunk) -> list[bytes | None]:
+    """Each streamed token's bytes as the transcript takes them. A chunk's text is its last
+    token's and that of those before it in the chunk (after which the text ended inside a
+    character, so it waited). It all goes to the last token: the text is exact, and a stop
+    string (which ends at a character's end) ends in the token it really ends in, except where
+    it ends in whole characters of an earlier token of the chunk (one that holds whole
+    characters, then part of one): the output then counts that chunk's later tokens too. The
+    final chunk names tokens without text (the generation ended inside a character): unknown,
+    resolved by the request's last call."""
+    n = len(chunk.tokens)
+    if not n or (chunk.stop and not chunk.content):
+        return [None] * n
+    return [*[b""] * (n - 1), chunk.content.encode()]

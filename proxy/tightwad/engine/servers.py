@@ -197,21 +197,22 @@ class Servers:
     async def verify(self, context: Sequence[int], draft: Sequence[int], *, scored: int = 0,
                      sampling: SamplingParams = SamplingParams(temperature=0.0),
                      seed: int | None = None, n_probs: int = 1, id_slot: int = -1,
-                     ignore_eos: bool = False, n_predict: int = 1) -> Completion:
+                     ignore_eos: bool = False) -> Completion:
         """The target scores ``draft`` after ``context`` in one pass
         (:meth:`tightwad.llamaserver.client.LlamaClient.verify`), sent together with the other
-        requests' ready verifies (:attr:`gather`). ``n_predict`` > 1 only without a draft: a
-        target-only burst."""
+        requests' ready verifies (:attr:`gather`)."""
         client = self._client()
         request = CompletionRequest(  # as LlamaClient.verify builds it
-            prompt=[*context, *draft], n_predict=n_predict, sampling=sampling, seed=seed,
+            prompt=[*context, *draft], n_predict=1, sampling=sampling, seed=seed,
             n_probs=n_probs, prompt_logprobs=scored + len(draft), id_slot=id_slot,
             ignore_eos=ignore_eos)
         return await self._call_target(self.gather.send(id_slot, request, client.complete,
                                                         client.complete_batch))
 
     def stream(self, request: CompletionRequest) -> AsyncGenerator[StreamChunk, None]:
-        """A streamed target ``/completion`` (``target.timeout_s`` between chunks)."""
+        """A streamed target ``/completion`` (``target.timeout_s`` between chunks). Its slot
+        steps out of verify gathering: no verify waits for one that streams."""
+        self.gather.aside(request.id_slot)
         return self._target_stream(
             self._client().stream(request, chunk_timeout_s=self.config.target.timeout_s))
 
