@@ -295,7 +295,7 @@ class SpeculativeRun:
                     return
                 if not group:  # a group ended: plan the next round; cut where it may draft
                     k = self._plan_k(0)
-                    if k > 0 and self.may_draft and not self.paused:
+                    if k > 0 and self.may_draft:  # (k > 0: not paused)
                         self.planned = k
                         return
         if group:
