@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
+import re
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tightwad.pool.linkemu import LinkStats
-from tightwad.pool.procs import LlamaServer
+from tightwad.pool.procs import LlamaServer, ProcessGroup
 
 from .http import Stream, get_json, prometheus_sums, stream_post
 from .relayproc import RelayProcess
@@ -22,6 +25,24 @@ from .sample import Sample
 from .settings import WARMUP_TOKENS
 
 DECODES = "llamacpp:n_decode_total"
+
+
+def cpu_seconds(procs: list[tuple[str, int]]) -> dict[str, float]:
+    """CPU seconds (user + system) the live processes ``(name, pid)`` have used so far, per
+    role (the name up to its first digit or dash: ``worker``, ``coord``, ``drafter``,
+    ``proxy``), plus this load generator's own (``client``): where a small machine's time
+    goes under load."""
+    tick = os.sysconf("SC_CLK_TCK")
+    me = os.times()
+    out = {"client": me.user + me.system}
+    for name, pid in procs:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended
+            continue
+        role = re.split(r"[-\d]", name, maxsplit=1)[0]
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 @dataclass
@@ -80,9 +101,11 @@ class Bench:
     """The samples of one run, and (a)'s greedy tokens that the others are compared with."""
 
     def __init__(self, args: argparse.Namespace, relays: RelayProcess, n_pool: int,
-                 prompts: list[tuple[str, list[int]]]) -> None:
+                 prompts: list[tuple[str, list[int]]],
+                 group: ProcessGroup | None = None) -> None:
         self.args = args
         self.relays = relays
+        self.group = group  # whose processes' CPU time the steady-state windows read
         self.n_pool = n_pool  # relays[:n_pool] are the pool's workers
         self.prompts = prompts
         self.samples: list[Sample] = []
@@ -158,8 +181,10 @@ class Bench:
         stats = ep.stats()
         tokens = stats["tokens"] if ep.kind == "proxy" else sum(
             s.n_tokens for s in streams if s is not None)
+        procs = [(p.name, p.pid) for p in (self.group.procs if self.group else [])]
+        cpu = cpu_seconds([*procs, ("relay", self.relays.pid)])
         return {"t": time.perf_counter(), "rpc": self.links()[0], "decodes": ep.decodes(),
-                "tokens": tokens}
+                "tokens": tokens, "cpu": cpu}
 
     def batch(self, config: str, k: str, ep: Endpoint, rep: int, streams: int) -> None:
         """``streams`` simultaneous requests (prompts rotating with ``rep``), with per-request
@@ -222,17 +247,20 @@ class Bench:
             (after_links[0] - before_links[0]).as_dict(),
             (after_links[1] - before_links[1]).as_dict(),
             latencies_s=[s.elapsed for s in results], window=window(w0, w1),
-            solo_same=same, solo_different=different))
+            solo_same=same, solo_different=different,
+            regimes=(get_json(ep.url, "/tightwad/status")["speculation"].get("load_regimes")
+                     if ep.kind == "proxy" else None)))
 
 
-def window(w0: dict[str, Any] | None,
-           w1: dict[str, Any] | None) -> dict[str, float | None] | None:
+def window(w0: dict[str, Any] | None, w1: dict[str, Any] | None) -> dict[str, Any] | None:
     """The steady-state window between two snapshots of a batch."""
     if w0 is None or w1 is None or w1["t"] <= w0["t"]:
         return None
     rpc = w1["rpc"] - w0["rpc"]
     decodes = (None if w0["decodes"] is None or w1["decodes"] is None
                else w1["decodes"] - w0["decodes"])
+    cpu = {role: w1["cpu"][role] - w0["cpu"][role]
+           for role in w1.get("cpu", {}) if role in w0.get("cpu", {})}
     return {"seconds": w1["t"] - w0["t"], "tokens": w1["tokens"] - w0["tokens"],
             "decodes": decodes, "rpc_round_trips": rpc.round_trips,
-            "rpc_bytes": rpc.bytes_up + rpc.bytes_down}
+            "rpc_bytes": rpc.bytes_up + rpc.bytes_down, "cpu_s": cpu}

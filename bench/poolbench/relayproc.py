@@ -37,6 +37,10 @@ class RelayProcess:
             raise RuntimeError(f"the relay process exited with code {self._proc.returncode}")
         self.endpoints: list[str] = json.loads(first)["endpoints"]
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def stats(self) -> list[LinkStats]:
         """A snapshot of each relay's counters."""
         assert self._proc.stdin and self._proc.stdout

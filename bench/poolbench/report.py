@@ -13,6 +13,7 @@ from .settings import FULL_RUN, LEGACY_VERSION
 from .tables import (
     concurrency_table,
     config_table,
+    cpu_table,
     fmt,
     fmt_bytes,
     profile_table,
@@ -118,6 +119,10 @@ def body_lines(result: dict[str, Any], h: str) -> list[str]:
               "ends, after a warm-up batch of the same width (a warm graph). \"same as solo\": "
               "streams whose text equals the same configuration's one-stream text for their "
               "prompt.", ""]
+    if cpu := cpu_table(result):
+        lines += ["CPU time per generated token in the same steady state, ms, per process "
+                  "(user + system from /proc; worker: every rpc-server of the pool; relay: the "
+                  "link emulator; client: this load generator):", "", cpu, ""]
     if result.get("profile"):
         lines += [f"{h} One round per k", "", profile_text(result), "", profile_table(result),
                   ""]

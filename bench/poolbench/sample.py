@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -28,9 +29,11 @@ class Sample:
     # Each request's wall time (one entry for one stream; one per stream for a batch).
     latencies_s: list[float] = field(default_factory=list)
     # A batch's steady-state window: from the moment every stream has its first token to the
-    # moment the first one ends (seconds, RPC traffic, coordinator batches, tokens); None when
-    # the window was empty (a stream ended before another started).
-    window: dict[str, float | None] | None = None
+    # moment the first one ends (seconds, RPC traffic, coordinator batches, tokens, CPU seconds
+    # per process role); None when the window was empty (a stream ended before another started).
+    window: dict[str, Any] | None = None
+    # The proxy's load regimes after a batch (``/tightwad/status``): which ran, at what rates.
+    regimes: dict[str, Any] | None = None
     # A batch's streams whose text equals the same configuration's solo text for their prompt.
     solo_same: int | None = None
     solo_different: int | None = None

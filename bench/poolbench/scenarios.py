@@ -140,7 +140,7 @@ def measure_all(args: argparse.Namespace, bin_dir: Path, pair: BenchPair, profil
                                                         "add_special": True})["tokens"])
                        for text in PROMPTS[: args.prompts]]
             run = Run(args, group, pair, single, drafter, relays,
-                      Bench(args, relays, args.workers, prompts), result, log_dir, venv)
+                      Bench(args, relays, args.workers, prompts, group), result, log_dir, venv)
             measure_pair(run)
             plan = units(args, venv)
             for rep in range(args.reps):

@@ -113,7 +113,14 @@ def steady_state(windows: list[dict[str, Any]]) -> dict[str, Any] | None:
     decodes = sum(w["decodes"] or 0 for w in windows)
     rpc_rt = sum(w["rpc_round_trips"] for w in windows)
     rpc_bytes = sum(w["rpc_bytes"] for w in windows)
-    return {"seconds": seconds, "windows": len(windows), "tok_s": bm.rate(tokens, seconds),
+    cpu: dict[str, float] = {}
+    for w in windows:
+        for role, used in w.get("cpu_s", {}).items():
+            cpu[role] = cpu.get(role, 0.0) + used
+    # (Runs from before CPU time was recorded have none: no key, so their summary is as saved.)
+    return {**({"cpu_ms_per_token": {role: 1e3 * s / tokens for role, s in sorted(cpu.items())}}
+               if tokens and cpu else {}),
+            "seconds": seconds, "windows": len(windows), "tok_s": bm.rate(tokens, seconds),
             "batches_per_s": bm.rate(decodes, seconds) if decodes else None,
             "tokens_per_batch": tokens / decodes if decodes else None,
             "rpc_round_trips_per_batch": rpc_rt / decodes if decodes else None,
@@ -179,7 +186,8 @@ def finish(result: dict[str, Any], samples: Sequence[Sample], ks: list[str]) -> 
     """Complete a measured ``result``: its samples, summary, the proxy's profiled round and
     the headline."""
     result["samples"] = [{key: value for key, value in asdict(s).items()
-                          if key not in ("text", "token_ids")} for s in samples]
+                          if key not in ("text", "token_ids")
+                          and (key != "regimes" or value is not None)} for s in samples]
     summary = summarize(samples, result["bound"]["alpha"], result["bound"]["cost_ratio"],
                         ["-", *ks, ADAPTIVE, NATIVE_DEFAULT])
     apply_native_default(summary["rows"], result["native_default_k"], result["bound"])

@@ -100,6 +100,27 @@ def concurrency_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def cpu_table(result: dict[str, Any]) -> str | None:
+    """CPU ms per generated token of each process role in the batches' steady state (None:
+    a run from before they were recorded)."""
+    picked = [r for r in result["summary"]["rows"] if r["config"] in result[
+        "concurrency_configs"] and (r.get("steady") or {}).get("cpu_ms_per_token")]
+    if not picked:
+        return None
+    roles = sorted({role for r in picked for role in r["steady"]["cpu_ms_per_token"]})
+    roles = [role for role in roles if any(r["steady"]["cpu_ms_per_token"].get(role, 0) >= 0.05
+                                           for r in picked)]
+    rows = ["| Config | streams | " + " | ".join(roles) + " | all |",
+            "|" + "---|" * (len(roles) + 3)]
+    for r in sorted(picked, key=lambda r: (r["streams"], r["config"])):
+        cpu = r["steady"]["cpu_ms_per_token"]
+        k = "" if r["k"] == "-" else f", k {r['k']}"
+        rows.append(f"| ({r['config']}){k} | {r['streams']} | "
+                    + " | ".join(fmt(cpu.get(role), ".1f") for role in roles)
+                    + f" | {sum(cpu.values()):.1f} |")
+    return "\n".join(rows)
+
+
 def profile_table(result: dict[str, Any]) -> str:
     """The parts of one round per k: draft call, verify on the pool and alone, its traffic."""
     per_k = (result.get("profile") or {}).get("per_k", {})

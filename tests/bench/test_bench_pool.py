@@ -83,7 +83,13 @@ def test_pool_bench_smoke(tmp_path: Path, bin_dir: Path) -> None:
             assert steady["rpc_round_trips_per_batch"] > 0
             if config == "b":  # every stream decodes in each batch: several tokens per batch
                 assert steady["tokens_per_batch"] > 1, steady
+            # Where the CPU went: the pool's workers compute; the proxy only in (d).
+            cpu = steady["cpu_ms_per_token"]
+            assert cpu["worker"] > 0 and ("proxy" in cpu) == (config == "d"), cpu
     assert any(row["steady"] for row in loaded.values())
+    assert "CPU time per generated token" in md
+    regimes = [s["regimes"] for s in result["samples"] if s["config"] == "d" and s["streams"] > 1]
+    assert regimes and all(isinstance(r, dict) for r in regimes)  # the proxy's load regimes
 
     profile = result["profile"]["per_k"]["2"]
     assert profile["verify_rpc_bytes_down"]["median"] > 0
