@@ -175,8 +175,9 @@ class SpeculationConfig(_Section):
         "only when predicted tokens/s beat the current choice by this fraction."))
     probe_every: int = Field(16, ge=0, description=(
         "While drafting is paused, every Nth round drafts anyway (load falls, estimates go "
-        "stale); while target-only speed at the current load is unmeasured or close to "
-        "drafting's, every Nth round goes without a draft to measure it. 0: never."))
+        "stale), doubling N after each probe that leaves it paused (up to 8N); while "
+        "target-only speed at the current load is unmeasured or close to drafting's, every "
+        "Nth round goes without a draft to measure it. 0: never."))
     n_probs: int = Field(40, ge=1, le=1024, description=(
         "Top log-probabilities requested per position when sampling (temperature > 0). The "
         "proxy's sampling is exact when the top-k/top-p/min-p cut falls inside them, always when "

@@ -91,7 +91,8 @@ drafted rows slow everyone's batch on a compute-bound pool. Long enough for seve
 
 REGIME_REFRESH_S: Final = 30.0
 """The regime not running is measured again (one window) once its rate is this old: at most a
-tenth of the time goes to the slower one."""
+tenth of the time goes to the slower one, and less as it keeps losing (the period doubles each
+time, up to 8x: :attr:`tightwad.decoding.speculation.LoadRegimes.MAX_BACKOFF`)."""
 
 TARGET_ONLY_BURST: Final = 8
 """Where drafting is paused (it cannot pay at the current load), hopeless for a request or the

@@ -110,12 +110,33 @@ def test_a_compute_bound_pool_pauses_drafting_and_says_so() -> None:
         'tightwad_speculation_paused{reason="compute_bound"}'] == 0.0
 
 
-def test_paused_drafting_is_probed_every_nth_round() -> None:
+def test_where_one_stream_pauses_a_new_load_starts_target_only() -> None:
+    p = _pair(probe_every=0)
+    teach(p, 1, 0.02, 0.018, accepted_of=COMPUTE_BOUND)
+    for _ in range(4):
+        p.observe_round(True, 1, 0, 0, None, 0.02, timed=True)
+    assert p.round_k(GREEDY, 1) == 0  # compute-bound even alone
+    # A burst of 4 streams, a load nothing was measured at: no drafting window first (it would
+    # run at a fraction of target-only's rate on such a pool); target-only is measured.
+    assert [p.round_k(GREEDY, 4) for _ in range(5)] == [0] * 5
+    window = p.regimes.window
+    assert window is not None and window.level == 2 and window.drafting is False
+
+
+def test_paused_drafting_is_probed_ever_less_often_until_it_resumes() -> None:
     p = _pair(probe_every=4)
     teach_compute_bound(p)
-    ks = [p.round_k(GREEDY, 8) for _ in range(12)]
-    assert [k > 0 for k in ks] == [False, False, False, True] * 3
+    ks = [p.round_k(GREEDY, 8) for _ in range(130)]
     assert set(ks) - {0} <= set(p.buckets)
+    # Probes after 4 rounds, then 8, 16, 32 (the most: 2**MAX_PROBE_BACKOFF x 4), and 32.
+    probes = [i + 1 for i, k in enumerate(ks) if k > 0]
+    assert probes == [4, 12, 28, 60, 92, 124]
+    # Drafting pays again (load fell): it resumes, and a later pause probes after 4 again.
+    teach(p, 8, 0.05, 0.002)
+    assert p.round_k(GREEDY, 8) > 0
+    teach_compute_bound(p)
+    teach_compute_bound(p)
+    assert [p.round_k(GREEDY, 8) > 0 for _ in range(4)] == [False, False, False, True]
 
 
 def test_target_only_is_measured_where_unknown_and_left_alone_where_clear() -> None:

@@ -35,7 +35,7 @@ def test_under_load_it_measures_both_then_runs_the_faster() -> None:
     assert regimes.drafting(2, t) is False  # both known: target-only is 2.5x faster
     assert regimes.rates[2][True][0] == 4.0 and regimes.rates[2][False][0] == 10.0
     assert regimes.status()["3-4"] == {"drafting_tok_s": 4.0, "target_only_tok_s": 10.0,
-                                      "drafting": False}
+                                      "drafting": False, "remeasured_every_s": REFRESH}
     # It keeps target-only until drafting's rate is stale, then measures drafting for one
     # window, and goes back where drafting is still the slower ...
     told = []
@@ -50,6 +50,39 @@ def test_under_load_it_measures_both_then_runs_the_faster() -> None:
     # ... and runs drafting where it has become the faster (load fell, easier text).
     t = _run(regimes, 2, t, 5 * REFRESH, {True: 20.0, False: 10.0})
     assert regimes.best[2] is True
+
+
+def _window_starts(regimes: LoadRegimes, level: int, t: float, until: float,
+                   rate: dict[bool, float], regime: bool) -> list[float]:
+    """Like :func:`_run`; when each window of ``regime`` started."""
+    starts: list[float] = []
+    while t < until:
+        drafting = regimes.drafting(level, t)
+        window = regimes.window
+        if drafting == regime and window is not None and window.start == t:
+            starts.append(t)
+        regimes.observe(round(rate[drafting] * 0.5), t, t + 0.5)
+        t += 0.5
+    return starts
+
+
+def test_a_regime_that_keeps_losing_is_measured_ever_less_often_until_it_wins() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    slow_drafts = {True: 4.0, False: 10.0}
+    starts = _window_starts(regimes, 2, 0.0, 30 * REFRESH, slow_drafts, True)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    # Measured first, then after 1, 2, 4 and 8 refresh periods (plus a window), then every 8.
+    periods = [round(g / REFRESH) for g in gaps]
+    assert periods[:5] == [1, 2, 4, 8, 8], gaps
+    assert all(g <= 8 * REFRESH + 3 * W for g in gaps)
+    assert regimes.status()["3-4"]["remeasured_every_s"] == 8 * REFRESH
+    # Drafting wins its next window (load fell, easier text): it runs, and target-only is
+    # measured after one period (the backoff was the loser's; the switch resets it).
+    t = _run(regimes, 2, 30 * REFRESH, starts[-1] + 8 * REFRESH + 6 * W,
+             {True: 20.0, False: 10.0})
+    assert regimes.best[2] is True and regimes.period(2) == REFRESH
+    alone = _window_starts(regimes, 2, t, t + 2 * REFRESH, {True: 20.0, False: 10.0}, False)
+    assert len(alone) == 1 and alone[0] - t <= REFRESH + W
 
 
 def test_a_small_difference_does_not_switch() -> None:
@@ -121,3 +154,34 @@ def test_levels_that_disagree_imply_nothing() -> None:
                      3: {True: (12.0, 0.0), False: (10.0, 0.0)}}
     regimes.best = {1: False}
     assert regimes.drafting(2, 1.0) is True  # measured first, as with nothing known
+
+
+def test_where_one_stream_pauses_drafting_it_is_not_measured_under_load() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    regimes.alone(False, 0.0)  # one stream's cost lines: drafting does not pay even alone
+    horizon = LoadRegimes.EVIDENCE_REFRESHES * REFRESH
+    told = []
+    t = 0.0
+    while t < horizon:
+        told.append(regimes.drafting(3, t))
+        regimes.observe(round((2.0 if told[-1] else 6.0) * 0.5), t, t + 0.5)
+        t += 0.5
+    assert not any(told)
+    assert True not in regimes.rates[3] and regimes.status()["5-8"]["drafting"] is False
+    # Once that decision is older than the evidence horizon, the level measures for itself.
+    t = _run(regimes, 3, t, t + 3 * W, {True: 2.0, False: 6.0})
+    assert True in regimes.rates[3]
+
+
+def test_one_stream_drafting_implies_nothing_under_load() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    regimes.alone(True, 0.0)
+    assert regimes.drafting(2, 0.0) is True  # measured first, as with nothing known
+
+
+def test_a_load_level_where_drafting_won_outweighs_one_stream_pausing() -> None:
+    regimes = LoadRegimes(W, REFRESH, 0.1)
+    t = _run(regimes, 2, 0.0, 3 * W, {True: 12.0, False: 10.0})
+    assert regimes.best.get(2, True) is True
+    regimes.alone(False, t)  # contradicted by a measurement: says nothing
+    assert regimes.drafting(3, t) is True

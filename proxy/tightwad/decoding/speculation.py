@@ -384,17 +384,26 @@ class LoadRegimes:
     end: taken when the window closes, from the rounds ended by then, and again when the next
     one closes, with all of them. Each regime's rate is kept per load
     level; the faster one runs (the other must be ``margin`` faster to take over), and the other
-    is measured again once its rate is older than ``refresh_s``. Which regime runs changes only
-    speed, never the output.
+    is measured again once its rate is older than ``refresh_s``, doubled each time it loses
+    again (up to ``MAX_BACKOFF`` doublings; reset when it wins), so a pool whose load regime is
+    settled spends ever less time in the slower one. Which regime runs changes only speed,
+    never the output.
 
     Load only takes from what drafting can win (every stream's verify rows share one batch), so
     the levels inform each other: where target-only won at a lower level, drafting is not
     measured at a higher one (nor target-only below a level where drafting won), as long as
-    that level's both rates are younger than ``EVIDENCE_REFRESHES`` refresh periods. A short
-    burst of load then does not spend its first windows on a regime known to lose.
+    that level's both rates are younger than ``EVIDENCE_REFRESHES`` of its refresh periods. One
+    stream counts too: where its cost lines (which see everything there) pause drafting
+    (:meth:`alone`), drafting is not measured under load either, unless a measured level says
+    drafting won. A short burst of load then does not spend its first windows on a regime
+    known to lose: a drafting window on a compute-bound pool can run at a third of
+    target-only's rate.
     """
 
     EVIDENCE_REFRESHES = 4
+    MAX_BACKOFF = 3
+    """At most 2**3 = 8 refresh periods between two windows of the slower regime: with the
+    defaults, 3 s every 4 minutes."""
 
     def __init__(self, window_s: float, refresh_s: float, margin: float) -> None:
         self.window_s = window_s
@@ -403,9 +412,17 @@ class LoadRegimes:
         self.rates: dict[int, dict[bool, tuple[float, float]]] = {}
         """level -> regime (True: drafting) -> (a stream's tokens/s, when measured)."""
         self.best: dict[int, bool] = {}
+        self.backoff: dict[int, int] = {}
+        """level -> how many windows in a row the slower regime lost again."""
         self.window: _Window | None = None
         self.ending: _Window | None = None
         """The window before: its last rounds may still end."""
+        self.alone_drafting: tuple[bool, float] | None = None
+        """One stream's last decision (drafting?) and when it was taken."""
+
+    def alone(self, drafting: bool, now: float) -> None:
+        """One stream's decision, from its cost lines: evidence for the loaded levels."""
+        self.alone_drafting = (drafting, now)
 
     def drafting(self, level: int, now: float) -> bool:
         """Whether a round starting now at this load level may draft (level 0, one stream:
@@ -414,7 +431,7 @@ class LoadRegimes:
         if window is not None and window.level == level and now - window.start < self.window_s:
             return window.drafting
         if self.ending is not None:
-            self._record(self.ending, now)  # complete: its rounds have had a window to end
+            self._record(self.ending, now, complete=True)  # its rounds have had a window to end
         if window is not None:
             self._record(window, now)  # so far: the rounds still running count when they end
         self.ending, self.window = window, None
@@ -425,7 +442,7 @@ class LoadRegimes:
         implied = self._implied(level, now)
         stale = [regime for regime in (True, False) if regime != measuring
                  and implied in (None, regime)
-                 and (regime not in rates or now - rates[regime][1] > self.refresh_s)]
+                 and (regime not in rates or now - rates[regime][1] > self.period(level))]
         if len(rates) < 2 and implied is not None:
             self.best[level] = implied  # until its own two rates decide (with the margin)
         regime = stale[0] if stale else self.best.get(level, True)
@@ -435,12 +452,16 @@ class LoadRegimes:
     def _implied(self, level: int, now: float) -> bool | None:
         """The regime the other levels' fresh decisions imply at ``level`` (None: no single
         one): target-only where it won at a lower level, drafting where it won at a higher."""
-        horizon = self.EVIDENCE_REFRESHES * self.refresh_s
         fresh = {other: self.best.get(other, True) for other, rates in self.rates.items()
                  if other != level and len(rates) == 2
-                 and all(now - t <= horizon for _, t in rates.values())}
+                 and all(now - t <= self.EVIDENCE_REFRESHES * self.period(other)
+                         for _, t in rates.values())}
         # Target-only (False) below this level, or drafting (True) above it, says something.
         votes = {best for other, best in fresh.items() if (other < level) != best}
+        horizon = self.EVIDENCE_REFRESHES * self.refresh_s
+        if (self.alone_drafting is not None and not self.alone_drafting[0]
+                and now - self.alone_drafting[1] <= horizon and True not in fresh.values()):
+            votes.add(False)  # one stream pauses drafting, and no load level contradicts it
         return votes.pop() if len(votes) == 1 else None
 
     def observe(self, tokens: int, started: float, ended: float) -> None:
@@ -452,7 +473,7 @@ class LoadRegimes:
                 window.seconds += ended - started
                 return
 
-    def _record(self, window: _Window, now: float) -> None:
+    def _record(self, window: _Window, now: float, complete: bool = False) -> None:
         if window.seconds <= 0 or window.tokens == 0:
             return
         rates = self.rates.setdefault(window.level, {})
@@ -461,10 +482,21 @@ class LoadRegimes:
             best = self.best.get(window.level, True)
             if rates[not best][0] > rates[best][0] * (1 + self.margin):
                 self.best[window.level] = not best
+                self.backoff[window.level] = 0
+            elif complete and window.drafting != best:  # the slower one lost again
+                self.backoff[window.level] = min(self.backoff.get(window.level, 0) + 1,
+                                                 self.MAX_BACKOFF)
+
+    def period(self, level: int) -> float:
+        """How old the slower regime's rate at ``level`` may get before it is measured again."""
+        return self.refresh_s * float(2 ** self.backoff.get(level, 0))
 
     def status(self) -> dict[str, dict[str, float | bool | None]]:
-        """Per load level (streams): each regime's measured tokens/s per stream, which runs."""
+        """Per load level (streams): each regime's measured tokens/s per stream, which runs,
+        and how often the other is measured again."""
         return {level_streams(level): {
             "drafting_tok_s": round(rates[True][0], 2) if True in rates else None,
             "target_only_tok_s": round(rates[False][0], 2) if False in rates else None,
-            "drafting": self.best.get(level, True)} for level, rates in sorted(self.rates.items())}
+            "drafting": self.best.get(level, True),
+            "remeasured_every_s": self.period(level),
+        } for level, rates in sorted(self.rates.items())}

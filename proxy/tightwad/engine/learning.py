@@ -13,7 +13,9 @@ stable.
 The decisions are :func:`tightwad.decoding.speculation.plan`'s: k from the buckets with
 hysteresis, and whether drafting pays at this load. Where it does not (compute-bound), rounds
 run without a draft. Probes keep the estimates fresh: while paused every ``probe_every``-th
-round drafts anyway (load falls; acceptance and draft costs go stale); while drafting, where
+round drafts anyway (load falls; acceptance and draft costs go stale), and each probe that
+leaves drafting paused doubles that interval, up to ``MAX_PROBE_BACKOFF`` doublings (a probe
+on a pool where drafting cannot pay costs more than a round); while drafting, where
 target-only at this load is unmeasured or close, every ``probe_every``-th round goes without a
 draft to measure it. Under load (two streams or more) a :class:`LoadRegimes` has the last word:
 it times windows in which all streams draft or none does and keeps the faster regime, which a
@@ -57,6 +59,10 @@ def _fits(models: dict[int, CostModel], level: int) -> Line | None:
 class PairLearning:
     """The estimates and the plan of one drafter/target pair."""
 
+    MAX_PROBE_BACKOFF = 3
+    """While paused, at most 2**3 x ``probe_every`` rounds between probes (128 rounds of up to
+    8 streamed tokens with the defaults)."""
+
     def __init__(self, key: Key, config: SpeculationConfig, telemetry: Telemetry) -> None:
         self.key = key
         self.config = config
@@ -74,6 +80,10 @@ class PairLearning:
         self.target_only: set[int] = set()
         """Load levels with a timed round without a draft (target-only measured, not inferred)."""
         self.rounds = 0
+        self.paused_rounds = 0
+        """Rounds planned since the last probe while paused."""
+        self.paused_probes = 0
+        """Probes in a row that left drafting paused."""
         self.regimes = LoadRegimes(defaults.REGIME_WINDOW_S, defaults.REGIME_REFRESH_S,
                                    config.k_margin)
         self.plan = Plan(True, self.k, 0, None, "nothing learned yet")
@@ -105,6 +115,8 @@ class PairLearning:
         now = self._plan(sampling.greedy, streams)
         self.rounds += 1
         level = load_level(streams)
+        if level == 0:
+            self.regimes.alone(now.drafting, time.monotonic())
         if not self.regimes.drafting(level, time.monotonic()):
             rates = self.regimes.rates.get(level, {})
             measured = (f"{rates[False][0]:.1f} against {rates[True][0]:.1f} tok/s per stream"
@@ -114,9 +126,16 @@ class PairLearning:
             self.telemetry.on_plan(self.plan)
             return 0
         every = self.config.probe_every
-        probe = every > 0 and self.rounds % every == 0
         if not now.drafting:
-            return now.k if probe else 0
+            self.paused_rounds += 1
+            interval = every * 2 ** min(self.paused_probes, self.MAX_PROBE_BACKOFF)
+            if every <= 0 or self.paused_rounds < interval:
+                return 0
+            self.paused_rounds = 0
+            self.paused_probes += 1  # undone where drafting resumes
+            return now.k
+        self.paused_rounds = self.paused_probes = 0
+        probe = every > 0 and self.rounds % every == 0
         unknown = load_level(streams) not in self.target_only
         close = now.speedup is not None and now.speedup < 1.0 + 2 * self.config.k_margin
         if probe and now.speedup is not None and (unknown or close):
