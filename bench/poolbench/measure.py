@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import re
 import statistics
@@ -30,11 +31,15 @@ DECODES = "llamacpp:n_decode_total"
 def cpu_seconds(procs: list[tuple[str, int]]) -> dict[str, float]:
     """CPU seconds (user + system) the live processes ``(name, pid)`` have used so far, per
     role (the name up to its first digit or dash: ``worker``, ``coord``, ``drafter``,
-    ``proxy``), plus this load generator's own (``client``): where a small machine's time
+    ``proxy``), plus this load generator's own (``client``) and the machine's steal time
+    (``steal``, all CPUs: a noisy neighbour on a shared host): where a small machine's time
     goes under load."""
     tick = os.sysconf("SC_CLK_TCK")
     me = os.times()
     out = {"client": me.user + me.system}
+    # The hypervisor's share: time this VM's CPUs were ready to run but given to others.
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        out["steal"] = int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8]) / tick
     for name, pid in procs:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

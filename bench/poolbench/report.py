@@ -122,7 +122,8 @@ def body_lines(result: dict[str, Any], h: str) -> list[str]:
     if cpu := cpu_table(result):
         lines += ["CPU time per generated token in the same steady state, ms, per process "
                   "(user + system from /proc; worker: every rpc-server of the pool; relay: the "
-                  "link emulator; client: this load generator):", "", cpu, ""]
+                  "link emulator; client: this load generator; steal: time the host gave this "
+                  "machine's CPUs to others, a noisy neighbour):", "", cpu, ""]
     if result.get("profile"):
         lines += [f"{h} One round per k", "", profile_text(result), "", profile_table(result),
                   ""]

@@ -110,14 +110,14 @@ def cpu_table(result: dict[str, Any]) -> str | None:
     roles = sorted({role for r in picked for role in r["steady"]["cpu_ms_per_token"]})
     roles = [role for role in roles if any(r["steady"]["cpu_ms_per_token"].get(role, 0) >= 0.05
                                            for r in picked)]
-    rows = ["| Config | streams | " + " | ".join(roles) + " | all |",
+    rows = ["| Config | streams | " + " | ".join(roles) + " | all processes |",
             "|" + "---|" * (len(roles) + 3)]
     for r in sorted(picked, key=lambda r: (r["streams"], r["config"])):
         cpu = r["steady"]["cpu_ms_per_token"]
         k = "" if r["k"] == "-" else f", k {r['k']}"
         rows.append(f"| ({r['config']}){k} | {r['streams']} | "
                     + " | ".join(fmt(cpu.get(role), ".1f") for role in roles)
-                    + f" | {sum(cpu.values()):.1f} |")
+                    + f" | {sum(v for role, v in cpu.items() if role != 'steal'):.1f} |")
     return "\n".join(rows)
 
 
