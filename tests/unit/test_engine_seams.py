@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -61,6 +61,8 @@ class FakeServers(Servers):
         self.foreign = 0
         self.verifies = 0
         self.streamed: list[int] = []  # tokens read from each target-only stream
+        self.watch: Callable[[], int] | None = None  # read before each streamed token
+        self.watched: list[int] = []
         self.leased: list[int] = []
         self.target_info_value = TargetInfo(
             Props(total_slots=1, n_ctx=64, model="toy.gguf", bos_token="", eos_token="",
@@ -124,6 +126,8 @@ class FakeServers(Servers):
         for n in range(1, request.n_predict + 1):
             seq.append(toy_next(seq))
             self.streamed[-1] += 1
+            if self.watch is not None:
+                self.watched.append(self.watch())
             yield StreamChunk(chr(97 + seq[-1]), (seq[-1],), False, n_predicted=n)
         yield StreamChunk("", (), True, "limit", request.n_predict)
 
@@ -173,8 +177,11 @@ def _metric(engine: Engine, line_start: str) -> float:
 def test_a_failing_drafter_gives_the_target_alone_output_and_counted_fallbacks() -> None:
     servers = FakeServers(_config(), "down")
     engine = Engine(_config(), servers=servers)
+    servers.watch = lambda: int(engine.status()["stats"]["tokens"])
     text, finished = _generate(engine, [0], 20)
     assert text == "bcdefghijklmnopqrstu"
+    # The token count is live within a stream, not only at its 8-token rounds.
+    assert servers.watched == list(range(20)), servers.watched
     assert (finished.reason, finished.completion_tokens) == ("length", 20)
     stats = finished.stats
     # With the drafter down, the target streams its own tokens, and the stream is cut every

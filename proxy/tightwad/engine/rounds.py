@@ -280,6 +280,7 @@ class SpeculativeRun:
                     raise VerifyMismatch(f"the stream named {named} tokens of "
                                          f"{chunk.n_predicted} generated")
                 taken = self.transcript.take(chunk.tokens, _chunk_bytes(chunk))
+                self.telemetry.on_streamed(self.stats, len(taken.tokens))
                 self.context.extend(taken.tokens)
                 self.appended += len(taken.tokens)
                 group += len(taken.tokens)
@@ -310,7 +311,8 @@ class SpeculativeRun:
                                    seconds / max(1, tokens), self.stats.rounds > 0)
         self.learned.observe_tokens(tokens, since, now)
         self.telemetry.on_round(self.stats, Round(drafted=0, accepted=0, tokens=tokens,
-                                                  draft_seconds=None, verify_seconds=seconds))
+                                                  draft_seconds=None, verify_seconds=seconds,
+                                                  counted=True))
 
     async def _verify(self, draft: Draft, pending: int) -> tuple[Completion, float]:
         """One target pass over the draft (and the ``pending`` tokens whose bytes are still

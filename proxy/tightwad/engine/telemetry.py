@@ -84,6 +84,8 @@ class Round:
     draft_seconds: float | None
     """None when no draft was asked of the drafter."""
     verify_seconds: float
+    counted: bool = False
+    """Its tokens were counted as they streamed (:meth:`Telemetry.on_streamed`)."""
 
 
 @dataclass(frozen=True)
@@ -208,8 +210,9 @@ class Telemetry(Collector):
         totals = self._totals
         stats.rounds += 1
         totals.rounds += 1
-        stats.tokens += done.tokens
-        totals.tokens += done.tokens
+        if not done.counted:
+            stats.tokens += done.tokens
+            totals.tokens += done.tokens
         stats.verify_seconds += done.verify_seconds
         totals.verify_seconds += done.verify_seconds
         self._verify_latency.observe(done.verify_seconds)
@@ -251,6 +254,12 @@ class Telemetry(Collector):
         counts = self._totals.passed_through
         for reason in reasons:
             counts[reason] = counts.get(reason, 0) + 1
+
+    def on_streamed(self, stats: RequestStats, count: int) -> None:
+        """Tokens of a target-only stream as they come (the token counters stay live between
+        the stream's rounds, which then count them no more)."""
+        stats.tokens += count
+        self._totals.tokens += count
 
     def on_tokens(self, stats: RequestStats, count: int) -> None:
         """Tokens generated outside rounds (a pass-through stream)."""
