@@ -186,7 +186,8 @@ class Bench:
         stats = ep.stats()
         tokens = stats["tokens"] if ep.kind == "proxy" else sum(
             s.n_tokens for s in streams if s is not None)
-        procs = [(p.name, p.pid) for p in (self.group.procs if self.group else [])]
+        # Live ones only: a stopped one's pid may be another process's by now.
+        procs = [(p.name, p.pid) for p in (self.group.procs if self.group else []) if p.alive()]
         cpu = cpu_seconds([*procs, ("relay", self.relays.pid)])
         return {"t": time.perf_counter(), "rpc": self.links()[0], "decodes": ep.decodes(),
                 "tokens": tokens, "cpu": cpu}
