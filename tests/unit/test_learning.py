@@ -121,6 +121,8 @@ def test_where_one_stream_pauses_a_new_load_starts_target_only() -> None:
     assert [p.round_k(GREEDY, 4) for _ in range(5)] == [0] * 5
     window = p.regimes.window
     assert window is not None and window.level == 2 and window.drafting is False
+    assert p.status()["reason"] == ("target-only at 4 streams: not measuring drafting "
+                                    "(drafting is paused at one stream)")
 
 
 def test_paused_drafting_is_probed_ever_less_often_until_it_resumes() -> None:

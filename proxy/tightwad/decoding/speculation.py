@@ -419,6 +419,8 @@ class LoadRegimes:
         """The window before: its last rounds may still end."""
         self.alone_drafting: tuple[bool, float] | None = None
         """One stream's last decision (drafting?) and when it was taken."""
+        self.evidence = ""
+        """What the last window's regime followed, where not its own level's two rates."""
 
     def alone(self, drafting: bool, now: float) -> None:
         """One stream's decision, from its cost lines: evidence for the loaded levels."""
@@ -439,7 +441,7 @@ class LoadRegimes:
             return True
         rates = self.rates.get(level, {})
         measuring = window.drafting if window is not None and window.level == level else None
-        implied = self._implied(level, now)
+        implied, self.evidence = self._implied(level, now)
         stale = [regime for regime in (True, False) if regime != measuring
                  and implied in (None, regime)
                  and (regime not in rates or now - rates[regime][1] > self.period(level))]
@@ -449,20 +451,25 @@ class LoadRegimes:
         self.window = _Window(level, regime, now)
         return regime
 
-    def _implied(self, level: int, now: float) -> bool | None:
+    def _implied(self, level: int, now: float) -> tuple[bool | None, str]:
         """The regime the other levels' fresh decisions imply at ``level`` (None: no single
-        one): target-only where it won at a lower level, drafting where it won at a higher."""
+        one): target-only where it won at a lower level, drafting where it won at a higher;
+        and where that comes from."""
         fresh = {other: self.best.get(other, True) for other, rates in self.rates.items()
                  if other != level and len(rates) == 2
                  and all(now - t <= self.EVIDENCE_REFRESHES * self.period(other)
                          for _, t in rates.values())}
         # Target-only (False) below this level, or drafting (True) above it, says something.
-        votes = {best for other, best in fresh.items() if (other < level) != best}
+        votes = {other: best for other, best in fresh.items() if (other < level) != best}
+        said = [f"{'drafting' if best else 'target-only'} won at {level_streams(other)} "
+                "streams" for other, best in sorted(votes.items())]
         horizon = self.EVIDENCE_REFRESHES * self.refresh_s
         if (self.alone_drafting is not None and not self.alone_drafting[0]
                 and now - self.alone_drafting[1] <= horizon and True not in fresh.values()):
-            votes.add(False)  # one stream pauses drafting, and no load level contradicts it
-        return votes.pop() if len(votes) == 1 else None
+            votes[0] = False  # one stream pauses drafting, and no load level contradicts it
+            said.append("drafting is paused at one stream")
+        regimes = set(votes.values())
+        return (regimes.pop(), ", ".join(said)) if len(regimes) == 1 else (None, "")
 
     def observe(self, tokens: int, started: float, ended: float) -> None:
         """A round that ran from ``started`` to ``ended`` emitted ``tokens``: it counts for the

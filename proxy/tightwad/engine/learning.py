@@ -119,10 +119,13 @@ class PairLearning:
             self.regimes.alone(now.drafting, time.monotonic())
         if not self.regimes.drafting(level, time.monotonic()):
             rates = self.regimes.rates.get(level, {})
-            measured = (f"{rates[False][0]:.1f} against {rates[True][0]:.1f} tok/s per stream"
-                        if len(rates) == 2 else "measuring")
+            evidence = self.regimes.evidence
+            measured = (f"{rates[False][0]:.1f} against {rates[True][0]:.1f} tok/s per stream "
+                        "drafting" if len(rates) == 2
+                        else f"not measuring drafting ({evidence})" if evidence
+                        else "measuring drafting")
             self.plan = Plan(False, now.k, streams, now.speedup,
-                             f"target-only at {streams} streams: {measured} drafting")
+                             f"target-only at {streams} streams: {measured}")
             self.telemetry.on_plan(self.plan)
             return 0
         every = self.config.probe_every
