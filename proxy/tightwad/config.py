@@ -175,7 +175,7 @@ class SpeculationConfig(_Section):
         "only when predicted tokens/s beat the current choice by this fraction."))
     probe_every: int = Field(16, ge=0, description=(
         "While drafting is paused, every Nth round drafts anyway (load falls, estimates go "
-        "stale), doubling N after each probe that leaves it paused (up to 8N); while "
+        "stale), doubling N after each probe that drafted and left it paused (up to 8N); while "
         "target-only speed at the current load is unmeasured or close to drafting's, every "
         "Nth round goes without a draft to measure it. 0: never."))
     n_probs: int = Field(40, ge=1, le=1024, description=(

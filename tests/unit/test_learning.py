@@ -128,7 +128,20 @@ def test_where_one_stream_pauses_a_new_load_starts_target_only() -> None:
 def test_paused_drafting_is_probed_ever_less_often_until_it_resumes() -> None:
     p = _pair(probe_every=4)
     teach_compute_bound(p)
-    ks = [p.round_k(GREEDY, 8) for _ in range(130)]
+
+    def rounds(n: int, drafter_up: bool = True) -> list[int]:
+        """``n`` planned rounds; a probe's draft is observed (compute-bound) where the drafter
+        answers."""
+        ks = []
+        for _ in range(n):
+            ks.append(k := p.round_k(GREEDY, 8))
+            if k and drafter_up:
+                p.observe_round(True, 8, k, 0, 0.001 * k, 0.02 + 0.018 * k, timed=True)
+        return ks
+
+    # Probes whose drafter is down say nothing: every 4th round, no longer apart.
+    assert [k > 0 for k in rounds(12, drafter_up=False)] == [False, False, False, True] * 3
+    ks = rounds(128)
     assert set(ks) - {0} <= set(p.buckets)
     # Probes after 4 rounds, then 8, 16, 32 (the most: 2**MAX_PROBE_BACKOFF x 4), and 32.
     probes = [i + 1 for i, k in enumerate(ks) if k > 0]

@@ -14,8 +14,9 @@ The decisions are :func:`tightwad.decoding.speculation.plan`'s: k from the bucke
 hysteresis, and whether drafting pays at this load. Where it does not (compute-bound), rounds
 run without a draft. Probes keep the estimates fresh: while paused every ``probe_every``-th
 round drafts anyway (load falls; acceptance and draft costs go stale), and each probe that
-leaves drafting paused doubles that interval, up to ``MAX_PROBE_BACKOFF`` doublings (a probe
-on a pool where drafting cannot pay costs more than a round); while drafting, where
+drafted and left drafting paused doubles that interval, up to ``MAX_PROBE_BACKOFF`` doublings
+(a probe on a pool where drafting cannot pay costs more than a round; one whose drafter was
+down says nothing, so the drafter's return is tried soon); while drafting, where
 target-only at this load is unmeasured or close, every ``probe_every``-th round goes without a
 draft to measure it. Under load (two streams or more) a :class:`LoadRegimes` has the last word:
 it times windows in which all streams draft or none does and keeps the faster regime, which a
@@ -83,7 +84,9 @@ class PairLearning:
         self.paused_rounds = 0
         """Rounds planned since the last probe while paused."""
         self.paused_probes = 0
-        """Probes in a row that left drafting paused."""
+        """Probes in a row that drafted and left drafting paused."""
+        self.probing = False
+        """A probe was planned and has not drafted yet (a drafter that is down does not)."""
         self.regimes = LoadRegimes(defaults.REGIME_WINDOW_S, defaults.REGIME_REFRESH_S,
                                    config.k_margin)
         self.plan = Plan(True, self.k, 0, None, "nothing learned yet")
@@ -135,7 +138,7 @@ class PairLearning:
             if every <= 0 or self.paused_rounds < interval:
                 return 0
             self.paused_rounds = 0
-            self.paused_probes += 1  # undone where drafting resumes
+            self.probing = True  # counted once it drafts (observe_round)
             return now.k
         self.paused_rounds = self.paused_probes = 0
         probe = every > 0 and self.rounds % every == 0
@@ -163,6 +166,9 @@ class PairLearning:
         evaluation, see :func:`tightwad.decoding.speculation.round_timed`); only its acceptance
         counts. A round without a draft measures the verify cost at k = 0."""
         self.acceptance[greedy] = self.acceptance[greedy].observe(drafted, accepted)
+        if drafted and self.probing:  # a probe that drafted: the next waits longer if paused
+            self.probing = False
+            self.paused_probes += 1
         if not timed:
             return
         level = load_level(streams)
