@@ -141,6 +141,7 @@ class PairLearning:
             self.probing = True  # counted once it drafts (observe_round)
             return now.k
         self.paused_rounds = self.paused_probes = 0
+        self.probing = False  # drafting resumed: a probe not yet drafted counts for nothing
         probe = every > 0 and self.rounds % every == 0
         unknown = load_level(streams) not in self.target_only
         close = now.speedup is not None and now.speedup < 1.0 + 2 * self.config.k_margin

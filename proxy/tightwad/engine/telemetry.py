@@ -263,8 +263,7 @@ class Telemetry(Collector):
 
     def on_tokens(self, stats: RequestStats, count: int) -> None:
         """Tokens generated outside rounds (a pass-through stream)."""
-        stats.tokens += count
-        self._totals.tokens += count
+        self.on_streamed(stats, count)
         self._sample(_Sample(time.time(), count))
 
     def _sample(self, sample: _Sample) -> None:
