@@ -287,7 +287,8 @@ def report(result: dict[str, Any]) -> None:
         print(f"probe: {prof['probe_s']} s")
         for m in prof["measurements"]:
             print(f"  {m['rpc']}: layer {m['layer_ms']} ms (batch of 9: {m['verify_layer_ms']} "
-                  f"ms), base {m['base_ms']} ms, RTT {m['rtt_ms']} ms, "
+                  f"ms), base {m['base_ms']} ms, hop {m.get('hop_ms')} ms, "
+                  f"RTT {m['rtt_ms']} ms, "
                   f"{(m['bandwidth_bps'] or 0) / 1e6:.0f} MB/s")
         configs = prof.get("configs", ["b"])
         for key in ("memory", "speed"):

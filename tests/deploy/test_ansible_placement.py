@@ -183,6 +183,8 @@ def test_throttled_host_measures_slower_and_gets_fewer_layers(deployed, target):
           f"placement: {kept['placement']}")
     assert not fast["skipped"] and not slow["skipped"], kept["measurements"]
     assert slow["layer_ms"] > 1.5 * fast["layer_ms"], (fast, slow)
+    # The chain of both was timed too: one figure for what a second host adds, on each.
+    assert fast["hop_ms"] is not None and fast["hop_ms"] == slow["hop_ms"], (fast, slow)
     assert kept["placement"].startswith("speed:"), kept["placement"]
     cmdline = _exec_start(group)
     rpc, split = _exec_flag(cmdline, "--rpc"), _exec_flag(cmdline, "--tensor-split")

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import yaml
 
 from support import tightwad_cli
 from tightwad.pool import placement, probe
 from tightwad.pool.gguf_info import read_info
+from tightwad.pool.placement import place
 
 
 def test_probe_models_keep_the_real_layers(models, tmp_path: Path):
@@ -48,6 +51,29 @@ def test_probe_times_a_layer_on_an_idle_worker(procs, bin_dir: Path, models, tmp
     assert device.measured
     chosen = placement.place(probe.model_shape(models.target, 512), [device])
     assert chosen.mode == "speed" and chosen.chosen.ms_token is not None
+
+
+def test_probe_prices_a_chain_of_idle_workers(procs, bin_dir: Path, models, tmp_path: Path):
+    workers = [procs.rpc_worker(name=f"chain{i}") for i in range(2)]
+    found = probe.measure(models.target, [w.endpoint for w in workers], bin_dir,
+                          work_dir=tmp_path, repeats=2)
+    assert all(not m.skipped for m in found), [m.skipped for m in found]
+    # One chain over both, one figure on each: what the second host costs beyond its parts.
+    hops = {m.hop_ms for m in found}
+    assert len(hops) == 1 and None not in hops, [m.note for m in found]
+    [hop] = hops
+    assert hop is not None and 0.0 <= hop < 100.0
+    # The rule charges it: a split over both predicts one hop more than the same parts alone.
+    shape = probe.model_shape(models.target, 512)
+    priced = place(shape, [m.device() for m in found], mode="explicit", explicit=[1.0, 1.0])
+    plain = place(shape, [replace(m.device(), hop_ms=None) for m in found], mode="explicit",
+                  explicit=[1.0, 1.0])
+    assert priced.chosen.ms_token is not None and plain.chosen.ms_token is not None
+    assert priced.chosen.ms_token == pytest.approx(plain.chosen.ms_token + hop, abs=1e-3)
+    # The chain's llama-server is gone: both workers take the next client.
+    assert all(w.alive() for w in workers)
+    coordinator = procs.llama_server(models.target, rpc=workers, ctx=512)
+    assert coordinator.post("/completion", {"prompt": "Hi", "n_predict": 2})["tokens_predicted"]
 
 
 def test_a_worker_serving_a_coordinator_is_not_probed(procs, bin_dir: Path, models,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tightwad.pool import placement
@@ -146,3 +148,47 @@ def test_a_split_over_the_same_devices_needs_a_clear_win():
     devices[1] = gpu("b", 2.0, layer_ms=1.5, rtt_ms=0.0, bw=1e12)
     p = place(MODEL, devices)
     assert p.mode == "speed" and p.chosen.layers[1] < p.memory.layers[1]
+
+
+def test_a_chain_probe_prices_each_extra_host():
+    # Three identical devices that must all be used, each measured alone.
+    devices = [Device(n, int(2.0 * GiB), 0.5, 0.6, 0.1, 1e9, base_ms=1.0) for n in "abc"]
+    split = [1.0, 1.0, 1.0]
+    layers, output = placement.layers_from_split(split, MODEL.n_layer)
+    alone = place(MODEL, devices, mode="explicit", explicit=split).chosen.ms_token
+    assert alone is not None
+    # The chain ran 3 ms slower than its parts: 1.5 ms for each of the 2 hosts beyond the first.
+    hop = placement.hop_ms(MODEL, devices, split, alone + 3.0)
+    assert hop == pytest.approx(1.5)
+    # A chain faster than its parts (a throttled host's bursts beat its probe) costs nothing.
+    assert placement.hop_ms(MODEL, devices, split, alone - 2.0) == 0.0
+    # A hop figure already on the devices is not counted twice when measuring it again.
+    priced = [replace(d, hop_ms=hop) for d in devices]
+    assert placement.hop_ms(MODEL, priced, split, alone + 3.0) == pytest.approx(1.5)
+    # The rule charges it per host beyond the first: the 3-host chain predicts what was
+    # measured, a split over two of them one hop less, one host none.
+    chain = place(MODEL, priced, mode="explicit", explicit=split)
+    assert chain.chosen.ms_token == pytest.approx(alone + 3.0)
+    two = place(MODEL, devices, mode="explicit", explicit=[1.0, 1.0, 0.0]).chosen.ms_token
+    two_priced = place(MODEL, priced, mode="explicit", explicit=[1.0, 1.0, 0.0]).chosen.ms_token
+    assert two is not None and two_priced == pytest.approx(two + 1.5)
+    one = place(MODEL, devices, mode="explicit", explicit=[1.0, 0.0, 0.0]).chosen.ms_token
+    one_priced = place(MODEL, priced, mode="explicit", explicit=[1.0, 0.0, 0.0]).chosen.ms_token
+    assert one_priced == one
+    assert (layers, output) == (chain.chosen.layers, chain.chosen.output)
+    with pytest.raises(PlacementError, match="at least two"):
+        placement.hop_ms(MODEL, devices, [1.0, 0.0, 0.0], alone)
+
+
+def test_hop_cost_tips_the_rule_to_fewer_hosts():
+    # Two devices whose layers are faster split, but each extra host costs a measured hop:
+    # without it the rule spreads, with it one host holds the model.
+    devices = [Device(n, 24 * GiB, 0.5, 0.6, 0.1, 1e9, base_ms=1.0) for n in "ab"]
+    assert held(place(MODEL, devices)) == {"a": 32}  # no reason to spread: same speed
+    fast = [Device("a", 24 * GiB, 0.5, 0.6, 0.1, 1e9, base_ms=1.0),
+            Device("b", 2 * GiB, 0.1, 0.12, 0.1, 1e9, base_ms=1.0)]
+    spread = place(MODEL, fast)
+    assert len(held(spread)) == 2
+    hopped = place(MODEL, [replace(d, hop_ms=20.0) for d in fast])
+    assert held(hopped) == {"a": 32}
+    assert "left out b" in hopped.reason

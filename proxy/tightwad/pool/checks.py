@@ -627,7 +627,7 @@ def placement_for(view: PoolView, facts: Facts,
             base = usable_m or probe.Measurement(rpc)
             devices.append(placement.Device(w.name, free, base.layer_ms, base.verify_layer_ms,
                                             rtt, hello.download_bps or base.bandwidth_bps,
-                                            w.host, base.base_ms))
+                                            w.host, base.base_ms, base.hop_ms))
         elif m is not None and m.free:
             devices.append((usable_m or probe.Measurement(rpc, free=m.free)).device(w.name))
         else:

@@ -16,7 +16,12 @@ The cost model (docs/architecture.md: a pooled decode pays its stages strictly i
 
     ms/token  = sum over used devices of  layers x layer_ms + stage cost
                 + the output layer on its device (compute + its logits over the link)
+                + (used hosts - 1) x hop_ms
     stage     = STAGE_ROUND_TRIPS (1) x RTT + the activations over the link's bandwidth
+
+``hop_ms`` is what each host in the chain beyond the first costs on top of its probed parts (the
+hidden states' trip through the coordinator, each worker's handling of its graph commands): the
+probe measures one chain of all idle workers against this model (:func:`hop_ms`).
 
 A verify of k tokens is the same with batch-of-(k+1) layer times and k+1 rows of activations.
 """
@@ -24,7 +29,7 @@ A verify of k tokens is the same with batch-of-(k+1) layer times and k+1 rows of
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tightwad.llamaserver.layers import layer_devices
 
@@ -171,6 +176,9 @@ class Device:
     base_ms: float | None = None
     """The probe's ms/token less its layers: this device's stage and output layer, plus the
     coordinator's own work per token (sampling, the graph, HTTP), which every split pays."""
+    hop_ms: float | None = None
+    """What one more host in a chain costs beyond its layers and stage (the pool's chain probe,
+    :func:`hop_ms`; the same figure on each device it measured); None: not measured."""
 
     @property
     def measured(self) -> bool:
@@ -283,12 +291,19 @@ def overhead_ms(model: ModelShape, devices: Sequence[Device]) -> float:
     return rest[len(rest) // 2] if rest else 0.0
 
 
+def _hop(devices: Sequence[Device]) -> float:
+    """The pool's cost per extra host: the median of the devices' chain-probe figures."""
+    hops = sorted(d.hop_ms for d in devices if d.hop_ms is not None)
+    return hops[len(hops) // 2] if hops else 0.0
+
+
 def _estimate(model: ModelShape, devices: Sequence[Device], layers: Sequence[int], output: int,
               k: int) -> Estimate:
-    if not all(d.measured for i, d in enumerate(devices) if layers[i] or i == output):
+    used = [i for i in range(len(devices)) if layers[i] or i == output]
+    if not all(devices[i].measured for i in used):
         return Estimate(tuple(layers), output, None, None)
     act = model.n_embd * 4.0  # f32 activations per token
-    fixed = overhead_ms(model, devices)
+    fixed = overhead_ms(model, devices) + (len(used) - 1) * _hop(devices)
 
     def cost(rows: int) -> float:
         total = fixed
@@ -304,6 +319,23 @@ def _estimate(model: ModelShape, devices: Sequence[Device], layers: Sequence[int
         return total
 
     return Estimate(tuple(layers), output, round(cost(1), 3), round(cost(k + 1), 3))
+
+
+def hop_ms(model: ModelShape, devices: Sequence[Device], split: Sequence[float],
+           measured_ms: float) -> float:
+    """What each host beyond the first costs in a chain beyond this model's sum of its parts:
+    ``measured_ms`` per token of ``model`` over ``devices`` (each measured alone, without a
+    ``hop_ms``) with ``--tensor-split split``, against the prediction. Never below 0: a chain
+    makes no host cheaper, and where the parts already over-predict (a CPU quota lets a stage's
+    short bursts run faster than the probe's steady run) the error is theirs."""
+    layers, output = layers_from_split(split, model.n_layer)
+    alone = [replace(d, hop_ms=None) for d in devices]
+    est = _estimate(model, alone, layers, output, 0)
+    if est.ms_token is None:
+        raise PlacementError("a chain's hop cost needs every device in it measured")
+    if len(est.used) < 2:
+        raise PlacementError("a chain's hop cost needs at least two devices with layers")
+    return round(max(0.0, (measured_ms - est.ms_token) / (len(est.used) - 1)), 3)
 
 
 def capacity(model: ModelShape, d: Device, with_output: bool) -> int:

@@ -11,6 +11,12 @@ cancel. The larger probe model holds :data:`PROBE_BYTES` of layers (or the whole
 a CPU worker is timed with its weights out of its caches, as in the real model. The link probe
 is the RPC HELLO plus reading a scratch buffer back (:func:`tightwad.pool.rpcproto.hello`).
 
+What a worker alone cannot show is what a chain of them adds: each host beyond the first passes
+its hidden states back through the coordinator and handles its own graph commands (on 2 shared
+cores, ~1.3 ms per host where its HELLO takes 0.1). So where two or more workers were measured,
+one more llama-server runs the larger probe model split evenly over all of them, and
+:func:`tightwad.pool.placement.hop_ms` turns its time into each measurement's ``hop_ms``.
+
 A worker serves one client at a time. Every probe starts with a HELLO, which is safe on a busy
 worker (rpcproto's module doc); a worker that does not answer it (serving a coordinator) is
 skipped and reported, never connected to by a probe llama-server.
@@ -37,7 +43,7 @@ from tightwad import build as llama_build
 from tightwad import defaults
 from tightwad.pool import rpcproto
 from tightwad.pool.gguf_info import GGUFError, read_info
-from tightwad.pool.placement import Device, MiB, ModelShape
+from tightwad.pool.placement import Device, MiB, ModelShape, format_split, hop_ms
 from tightwad.pool.procs import ProcessFailed, ProcessGroup
 
 PROBE_BYTES = 256 * MiB
@@ -217,6 +223,8 @@ class Measurement:
     bandwidth_bps: float | None = None
     base_ms: float | None = None
     """ms/token of the smaller probe less its layers (stage, output layer, the coordinator)."""
+    hop_ms: float | None = None
+    """What one more host costs in a chain of the measured workers (the same on each)."""
     skipped: str = ""
     """Why it was not (fully) measured: busy serving a coordinator, unreachable, ..."""
     note: str = ""
@@ -225,7 +233,7 @@ class Measurement:
     def device(self, name: str | None = None, free: int | None = None) -> Device:
         return Device(name or self.rpc, self.free if free is None else free, self.layer_ms,
                       self.verify_layer_ms, self.rtt_ms, self.bandwidth_bps,
-                      self.rpc.rsplit(":", 1)[0], self.base_ms)
+                      self.rpc.rsplit(":", 1)[0], self.base_ms, self.hop_ms)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -260,12 +268,16 @@ def measure_link(rpc: str, *, timeout: float = 2.0,
                        bandwidth_bps=hello.download_bps)
 
 
-def _timed(group: ProcessGroup, model: Path, rpc: str, repeats: int) -> tuple[float, float]:
-    """Fastest ms per decoded token and per (k+1)-token prompt batch of ``model`` on ``rpc``
-    over ``repeats`` (other work on a machine only adds time: the fastest run is the closest to
-    what the device itself costs)."""
-    server = group.llama_server(model, name="probe", rpc=[rpc], ctx=256, slots=1, timeout=600,
-                                args=list(defaults.COORDINATOR_ARGS))
+def _timed(group: ProcessGroup, model: Path, rpcs: Sequence[str], repeats: int,
+           split: Sequence[float] = ()) -> tuple[float, float]:
+    """Fastest ms per decoded token and per (k+1)-token prompt batch of ``model`` on ``rpcs``
+    (``--tensor-split split``) over ``repeats`` (other work on a machine only adds time: the
+    fastest run is the closest to what the devices themselves cost)."""
+    args = list(defaults.COORDINATOR_ARGS)
+    if split:
+        args += ["--tensor-split", format_split(split)]
+    server = group.llama_server(model, name="probe", rpc=list(rpcs), ctx=256, slots=1,
+                                timeout=600, args=args)
     try:
         body = {"prompt": [1] * VERIFY_TOKENS, "n_predict": DECODE_TOKENS, "temperature": 0,
                 "cache_prompt": False, "ignore_eos": True}
@@ -300,7 +312,7 @@ def measure_compute(m: Measurement, probe_models: dict[int, Path], bin_dir: Path
             # more pass of both before falling back to the larger probe's time per layer.
             for _ in range(2):
                 for n in (lo, hi):
-                    runs[n].append(_timed(group, probe_models[n], m.rpc, repeats))
+                    runs[n].append(_timed(group, probe_models[n], [m.rpc], repeats))
                 d_lo, b_lo = (min(x) for x in zip(*runs[lo]))
                 d_hi, b_hi = (min(x) for x in zip(*runs[hi]))
                 if d_hi > d_lo and b_hi > b_lo:
@@ -320,6 +332,29 @@ def measure_compute(m: Measurement, probe_models: dict[int, Path], bin_dir: Path
     return m
 
 
+def measure_chain(chain: Sequence[Measurement], model: Path, bin_dir: Path, log_dir: Path,
+                  repeats: int = 3) -> None:
+    """Each measurement's ``hop_ms``: ``model`` split evenly over all of ``chain`` (each
+    measured alone, each with a layer), timed against the sum of its parts. Every worker must
+    answer a HELLO first (none serving a coordinator); a chain that cannot be timed leaves
+    ``hop_ms`` unset and says why in each ``note``."""
+    shape = model_shape(model)
+    split = [1.0] * len(chain)
+    try:
+        for m in chain:
+            host, port = _split(m.rpc)
+            rpcproto.hello(host, port, timeout=2.0, devices=False)
+        with ProcessGroup(bin_dir, log_dir) as group:
+            decode, _ = _timed(group, model, [m.rpc for m in chain], repeats, split)
+        hop = hop_ms(shape, [m.device() for m in chain], split, decode)
+    except (rpcproto.ProbeError, ProcessFailed, OSError, KeyError, ValueError) as exc:
+        for m in chain:
+            m.note = "; ".join(filter(None, [m.note, f"chain probe failed: {str(exc)[:200]}"]))
+        return
+    for m in chain:
+        m.hop_ms = hop
+
+
 def measure(model: Path, rpcs: Sequence[str], bin_dir: Path, *, work_dir: Path | None = None,
             compute: bool = True, repeats: int = 3,
             progress: Callable[[str], None] | None = None) -> list[Measurement]:
@@ -334,6 +369,16 @@ def measure(model: Path, rpcs: Sequence[str], bin_dir: Path, *, work_dir: Path |
             if progress:
                 progress(f"timing layers on {m.rpc}")
             measure_compute(m, models, bin_dir, Path(tmp) / "logs", repeats)
+        chain = [m for m in found if not m.skipped and m.layer_ms is not None]
+        if len(chain) >= 2:
+            hi = max(models)
+            # Every worker of the chain holds at least one layer.
+            if hi < len(chain):
+                hi = len(chain)
+                models[hi] = write_probe_model(model, Path(tmp) / f"probe-{hi}.gguf", hi)
+            if progress:
+                progress(f"timing a chain of {len(chain)} workers")
+            measure_chain(chain, models[hi], bin_dir, Path(tmp) / "logs", repeats)
     return found
 
 
