@@ -192,3 +192,6 @@ def test_hop_cost_tips_the_rule_to_fewer_hosts():
     hopped = place(MODEL, [replace(d, hop_ms=20.0) for d in fast])
     assert held(hopped) == {"a": 32}
     assert "left out b" in hopped.reason
+    # The reasoning doctor prints names the measured chain cost.
+    assert "each host after the first adds 20.00 ms" in hopped.describe()
+    assert "after the first" not in spread.describe()

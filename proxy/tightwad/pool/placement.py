@@ -472,6 +472,8 @@ def place(model: ModelShape, devices: Sequence[Device], *, mode: str = "auto",
                              f"{human_bytes(model.output_bytes)}); add a worker, lower the "
                              "context or the slots, or use a smaller quantization")
     chosen = best[1]
+    hop = _hop(devices)
+    chain = f"; each host after the first adds {hop:.2f} ms (measured over a chain)" if hop else ""
     mem_value, value = ((memory.ms_verify, chosen.ms_verify) if objective == "verify"
                         else (memory.ms_token, chosen.ms_token))
     if mem_value is not None and value is not None and chosen.used == memory.used \
@@ -482,11 +484,11 @@ def place(model: ModelShape, devices: Sequence[Device], *, mode: str = "auto",
             f"proportional to free memory: the fastest split ({_describe(chosen, names)}) "
             f"uses the same devices and is predicted "
             f"{mem_value / value - 1:.0%} faster, under the {SPEED_MARGIN:.0%} that per-layer "
-            f"timings on a busy machine can be off by; {fits}")
+            f"timings on a busy machine can be off by; {fits}{chain}")
     dropped = [names[i] for i in range(n) if i not in chosen.used]
     why = (f"fastest predicted of every set of devices that fits ({fits})"
            + (f"; left out {', '.join(dropped)} (they add more link and compute time than "
-              "they save)" if dropped else ""))
+              "they save)" if dropped else "") + chain)
     order = _order(n, chosen.layers, chosen.output)
     return Placement("speed", order, _weights(chosen.layers, chosen.output, order), chosen,
                      memory, why, names)
