@@ -76,6 +76,18 @@ def test_probe_prices_a_chain_of_idle_workers(procs, bin_dir: Path, models, tmp_
     assert coordinator.post("/completion", {"prompt": "Hi", "n_predict": 2})["tokens_predicted"]
 
 
+def test_a_chain_longer_than_the_model_takes_a_layer_per_worker(procs, bin_dir: Path, models,
+                                                                 tmp_path: Path):
+    # Three workers, a model of two layers: the chain is the first two, one layer each.
+    small = probe.write_probe_model(models.target, tmp_path / "two.gguf", 2)
+    workers = [procs.rpc_worker(name=f"short{i}") for i in range(3)]
+    found = probe.measure(small, [w.endpoint for w in workers], bin_dir, work_dir=tmp_path,
+                          repeats=1)
+    assert all(not m.skipped for m in found), [m.skipped for m in found]
+    assert [m.hop_ms is not None for m in found] == [True, True, False], found
+    assert not any("chain probe failed" in m.note for m in found), [m.note for m in found]
+
+
 def test_a_worker_serving_a_coordinator_is_not_probed(procs, bin_dir: Path, models,
                                                       tmp_path: Path):
     worker = procs.rpc_worker(name="serving")

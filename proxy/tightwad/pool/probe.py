@@ -12,10 +12,11 @@ a CPU worker is timed with its weights out of its caches, as in the real model. 
 is the RPC HELLO plus reading a scratch buffer back (:func:`tightwad.pool.rpcproto.hello`).
 
 What a worker alone cannot show is what a chain of them adds: each host beyond the first passes
-its hidden states back through the coordinator and handles its own graph commands (on 2 shared
-cores, ~1.3 ms per host where its HELLO takes 0.1). So where two or more workers were measured,
-one more llama-server runs the larger probe model split evenly over all of them, and
-:func:`tightwad.pool.placement.hop_ms` turns its time into each measurement's ``hop_ms``.
+its hidden states back through the coordinator and handles its own graph commands (0.2-1.3 ms
+per host on loopback on 2 shared cores, where a HELLO takes 0.1: docs/benchmarks-placement.md).
+So where two or more workers were measured, one more llama-server runs the larger probe model
+split evenly over all of them, and :func:`tightwad.pool.placement.hop_ms` turns its time into
+each measurement's ``hop_ms``.
 
 A worker serves one client at a time. Every probe starts with a HELLO, which is safe on a busy
 worker (rpcproto's module doc); a worker that does not answer it (serving a coordinator) is
@@ -363,22 +364,22 @@ def measure(model: Path, rpcs: Sequence[str], bin_dir: Path, *, work_dir: Path |
     if not compute or not any(not m.skipped for m in found):
         return found
     with tempfile.TemporaryDirectory(prefix="tightwad-probe-", dir=work_dir) as tmp:
+        shape = model_shape(model)
         models = {n: write_probe_model(model, Path(tmp) / f"probe-{n}.gguf", n)
-                  for n in probe_layers(model_shape(model))}
+                  for n in probe_layers(shape)}
         for m in found:
             if progress:
                 progress(f"timing layers on {m.rpc}")
             measure_compute(m, models, bin_dir, Path(tmp) / "logs", repeats)
-        chain = [m for m in found if not m.skipped and m.layer_ms is not None]
+        # Every worker of the chain holds at least one of the model's layers.
+        chain = [m for m in found if not m.skipped and m.layer_ms is not None][:shape.n_layer]
         if len(chain) >= 2:
-            hi = max(models)
-            # Every worker of the chain holds at least one layer.
-            if hi < len(chain):
-                hi = len(chain)
-                models[hi] = write_probe_model(model, Path(tmp) / f"probe-{hi}.gguf", hi)
+            n = max(len(chain), *models)
+            if n not in models:
+                models[n] = write_probe_model(model, Path(tmp) / f"probe-{n}.gguf", n)
             if progress:
                 progress(f"timing a chain of {len(chain)} workers")
-            measure_chain(chain, models[hi], bin_dir, Path(tmp) / "logs", repeats)
+            measure_chain(chain, models[n], bin_dir, Path(tmp) / "logs", repeats)
     return found
 
 
