@@ -1,12 +1,16 @@
 """What a benchmark script in bench/ runs on: the llama.cpp binaries and the machine, as its
-report states them. Shared by pool_bench.py and verify_round.py."""
+report states them, and how it ends: on SIGTERM as on Ctrl-C, its JSON written whole or not at
+all. Shared by the scripts in bench/."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
+import signal
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +44,23 @@ def binary_version(path: Path) -> str:
     res = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=60)
     lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("version")]
     return lines[0] if lines else "unknown"
+
+
+def stop_on_sigterm() -> None:
+    """End the run on SIGTERM (a ``timeout``, a kill) as on Ctrl-C: every ``with`` and
+    ``finally`` on the way out stops the processes it started, none is left behind."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
+def write_result(path: Path, text: str) -> None:
+    """Write a run's result so that a run cut off while writing leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared result from other users
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -44,6 +44,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+# Run as a script, this file's directory (bench/) is on sys.path.
+from benchenv import stop_on_sigterm, write_result
+
 from tightwad import build as llama_build
 from tightwad import defaults
 from tightwad.pool import placement, probe
@@ -342,9 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   Path(tmp)))
     report(result)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        write_result(args.json, json.dumps(result, indent=1))
     return 0
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())

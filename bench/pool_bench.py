@@ -60,7 +60,7 @@ from typing import Any
 
 # Run as a script, this file's directory (bench/) is on sys.path: its modules import as
 # top-level ones.
-from benchenv import binary_version, llama_binaries, machine_info
+from benchenv import binary_version, llama_binaries, machine_info, stop_on_sigterm, write_result
 from poolbench.plot import write_plot
 from poolbench.report import write_markdown
 from poolbench.scenarios import log, measure_all
@@ -230,11 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{t['threshold']}): {verdict}", flush=True)
     result["json_path"] = str(args.json) if args.json and not args.json.is_absolute() else ""
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        write_result(args.json, json.dumps(result, indent=1))
     write_reports(result, args)
     return 0
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())

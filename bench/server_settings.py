@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # Run as a script, this file's directory (bench/) is on sys.path.
-from benchenv import binary_version, llama_binaries, machine_info
+from benchenv import binary_version, llama_binaries, machine_info, stop_on_sigterm, write_result
 
 from tightwad import build as llama_build
 from tightwad import defaults
@@ -218,11 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{machine['loadavg_end']}")
     print("command: " + shlex.join([Path(sys.executable).name, *sys.argv]))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "profile": args.profile,
+        write_result(args.json, json.dumps({"machine": machine, "profile": args.profile,
                                          "settings": {k: list(SETTINGS[k]) for k in args.settings},
                                          "samples": [asdict(s) for s in samples]}, indent=1))
     return 1 if differ else 0
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script, this file's directory (bench/) is on sys.path.
-from benchenv import binary_version, llama_binaries, machine_info
+from benchenv import binary_version, llama_binaries, machine_info, stop_on_sigterm, write_result
 from poolbench.settings import PROMPTS as SHARED_PROMPTS  # bench/ is on sys.path
 
 from tightwad import build as llama_build
@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"load {machine['loadavg_start']} -> {machine['loadavg_end']}")
     print(f"command: .venv/bin/python {command}")
     if args.json:
-        args.json.write_text(json.dumps({
+        write_result(args.json, json.dumps({
             "command": command, "machine": machine, "summary": rows, "samples": samples,
             "gate_status": status, "table": table,
             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))},
@@ -281,4 +281,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script, this file's directory (bench/) is on sys.path.
-from benchenv import binary_version, llama_binaries, machine_info
+from benchenv import binary_version, llama_binaries, machine_info, stop_on_sigterm, write_result
 
 from tightwad import build as llama_build
 from tightwad.pool.linkemu import PROFILES, LinkStats, RelayThread
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(table(summary, requests, args.profile, configs))
     if args.json:
-        args.json.write_text(json.dumps({
+        write_result(args.json, json.dumps({
             "command": command, "machine": machine, "build": build_name,
             "top_n": args.top_n, "configs": list(configs), "profile": args.profile, "n_vocab": n_vocab,
             "summary": summary, "samples": [asdict(s) for s in samples]}, indent=1))
@@ -239,4 +239,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())

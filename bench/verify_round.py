@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script, this file's directory (bench/) is on sys.path.
-from benchenv import binary_version, llama_binaries, machine_info
+from benchenv import binary_version, llama_binaries, machine_info, stop_on_sigterm, write_result
 
 from tightwad import build as llama_build
 from tightwad.pool.demomodels import TARGET_SPEC
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  for i, x in enumerate(summary[v]["per_link"]))
             for v in VARIANTS))
     if args.json:
-        args.json.write_text(json.dumps({
+        write_result(args.json, json.dumps({
             "command": command, "machine": machine, "llama_cpp": version, "build": build_name,
             "model": model_info, "link": {"profile": profile.name, "described": link,
                                           "relay": relays is not None,
@@ -345,4 +345,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())

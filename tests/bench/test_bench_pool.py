@@ -7,27 +7,35 @@ bench/results give their summary and docs/benchmarks.md again."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from support import REPO as ROOT
+from support import alive, children
 
 # The run docs/benchmarks.md shows, then the real-vocabulary run beside it.
 SAVED = ["bench/results/pool_bench-wifi-reduced.json",
          "bench/results/pool_bench-wifi-real-vocab-reduced.json"]
 
 
+def _command(tmp_path: Path, bin_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "bench" / "pool_bench.py"), "--profile", "none",
+            "--tokens", "8", "--prompts", "1", "--reps", "1", "--ks", "2", "--workers", "2",
+            "--bin-dir", str(bin_dir), "--json", str(tmp_path / "bench.json"),
+            "--markdown", str(tmp_path / "bench.md"), "--plot", str(tmp_path / "bench.png"),
+            *extra]
+
+
 def _run(tmp_path: Path, bin_dir: Path, *extra: str) -> tuple[dict, str]:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "pool_bench.py"), "--profile", "none",
-           "--tokens", "8", "--prompts", "1", "--reps", "1", "--ks", "2", "--workers", "2",
-           "--bin-dir", str(bin_dir), "--json", str(out),
-           "--markdown", str(tmp_path / "bench.md"), "--plot", str(tmp_path / "bench.png"),
-           *extra]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=540, cwd=ROOT)
+    res = subprocess.run(_command(tmp_path, bin_dir, *extra), capture_output=True, text=True,
+                         timeout=540, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     return json.loads(out.read_text()), (tmp_path / "bench.md").read_text()
@@ -121,6 +129,35 @@ def test_pool_bench_real_vocab_smoke(tmp_path: Path, bin_dir: Path) -> None:
     # the payload the patch of issue 14 shrinks; at least one row whatever the patch does.
     assert verify["verify_rpc_bytes_down"]["median"] > 0
     assert "llama-bpe" in md and "Issue 14" in md
+
+
+@pytest.mark.timeout(300)
+def test_a_terminated_run_stops_its_processes_and_keeps_the_last_json(tmp_path: Path,
+                                                                     bin_dir: Path) -> None:
+    """SIGTERM (a ``timeout``, a kill) ends a run as Ctrl-C does: every worker and server it
+    started stops, and the JSON of the previous run is left whole."""
+    previous = '{"the": "previous run"}'
+    (tmp_path / "bench.json").write_text(previous)
+    run = subprocess.Popen(_command(tmp_path, bin_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    started: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(started) < 2 and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)
+            started = children(run.pid)
+        assert len(started) >= 2, "the run started no workers"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        left = [pid for pid in started if alive(pid)]
+        for pid in left:  # what a broken run left behind goes with the test
+            os.kill(pid, signal.SIGKILL)
+    assert not left
+    assert (tmp_path / "bench.json").read_text() == previous
 
 
 def test_render_gives_the_docs_page_again(tmp_path: Path) -> None:

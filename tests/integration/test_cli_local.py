@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from support import REPO, FakeWorker, tightwad_cli
+from support import REPO, FakeWorker, alive, tightwad_cli
 from tightwad.llamaserver import blocking
 from tightwad.pool.procs import free_port
 from tightwad_dev.models import ModelSet
@@ -417,11 +417,7 @@ def test_stop_ends_exactly_the_recorded_processes(local_pool: LocalPool) -> None
     assert done.returncode == 0, done.stderr
     assert "drafter" in done.stdout and "not running" in done.stdout
     for name, pid in pids.items():
-        try:
-            stat_text = Path(f"/proc/{pid}/stat").read_text()
-            assert stat_text.rsplit(")", 1)[1].split()[0] == "Z", f"{name} still runs"
-        except FileNotFoundError:
-            pass
+        assert not alive(pid), f"{name} still runs"
     assert not (local_pool.state / "state.json").exists()
     status = local_pool.cli("status", "--local", "--state-dir", str(local_pool.state))
     assert status.returncode == 1 and "no local pool" in status.stderr
@@ -492,8 +488,7 @@ def test_start_with_an_emulated_link_status_bench_stop(bin_dir: Path, models: Mo
         stopped = tightwad("stop", "--local", "--state-dir", str(state))
         assert stopped.returncode == 0 and "link0" in stopped.stdout, stopped.stdout
         for relay in relays:
-            assert not Path(f"/proc/{relay['pid']}").exists() or Path(
-                f"/proc/{relay['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            assert not alive(relay["pid"]), relay
     finally:
         tightwad("stop", "--local", "--state-dir", str(state), timeout=120)
         _kill_recorded(state)
