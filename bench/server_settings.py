@@ -218,9 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{machine['loadavg_end']}")
     print("command: " + shlex.join([Path(sys.executable).name, *sys.argv]))
     if args.json:
-        write_result(args.json, json.dumps({"machine": machine, "profile": args.profile,
-                                         "settings": {k: list(SETTINGS[k]) for k in args.settings},
-                                         "samples": [asdict(s) for s in samples]}, indent=1))
+        write_result(args.json, json.dumps({
+            "machine": machine, "profile": args.profile,
+            "settings": {k: list(SETTINGS[k]) for k in args.settings},
+            "samples": [asdict(s) for s in samples]}, indent=1))
     return 1 if differ else 0
 
 
