@@ -131,22 +131,27 @@ def http_status(url: str, key: str | None = None, timeout: float = 10) -> int:
         return exc.code
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces): state first,
+    then the parent's id; FileNotFoundError once the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` still runs (a zombie nobody reaped has ended)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return _stat(pid)[0] != "Z"
     except FileNotFoundError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def children(pid: int) -> list[int]:
     """The processes whose parent is ``pid``."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (FileNotFoundError, ProcessLookupError):
+            if int(_stat(proc.name)[1]) == pid:
+                found.append(int(proc.name))
+        except (FileNotFoundError, NotADirectoryError):
             continue
     return found
