@@ -51,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 # the roles' defaults/main.yml to the same tightwad.defaults values).
 ROLE_DEFAULTS = {
     "rpc_worker_instances": [dict(instance) for instance in defaults.RPC_INSTANCES],
+    "rpc_worker_peer_port_offset": defaults.RPC_PEER_PORT_OFFSET,
     "coordinator_port": defaults.COORDINATOR_PORT,
     "coordinator_parallel": defaults.SLOTS,
     "coordinator_verify_max_tokens": defaults.VERIFY_MAX_TOKENS,
@@ -95,15 +96,19 @@ def tightwad_service_url(hosts, hostvars, port_var: str) -> str:
 
 
 def tightwad_rpc_endpoints(hosts, hostvars) -> list:
-    """One dict per worker instance: host, address, port, name, device, rpc ("address:port")."""
+    """One dict per worker instance: host, address, port, name, device, rpc ("address:port"),
+    peer (where it takes hidden states pushed by other workers, "" when it does not)."""
     endpoints = []
     for host in hosts or []:
         hv = hostvars[host]
         address = _address(host, hv)
+        offset = int(tightwad_role_var(hv, "rpc_worker_peer_port_offset"))
         for inst in tightwad_role_var(hv, "rpc_worker_instances"):
-            endpoints.append({"host": host, "address": address, "port": int(inst["port"]),
+            port = int(inst["port"])
+            endpoints.append({"host": host, "address": address, "port": port,
                               "name": inst["name"], "device": str(inst.get("device") or ""),
-                              "rpc": f"{address}:{int(inst['port'])}"})
+                              "rpc": f"{address}:{port}",
+                              "peer": f"{address}:{port + offset}" if offset > 0 else ""})
     rpcs = [e["rpc"] for e in endpoints]
     if duplicates := sorted({r for r in rpcs if rpcs.count(r) > 1}):
         raise AnsibleFilterError(f"two RPC workers share the address and port {duplicates[0]}; "

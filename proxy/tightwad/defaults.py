@@ -14,6 +14,9 @@ RPC_PORT: Final = 50052
 """The first RPC worker's port; further workers on one host count up from it."""
 
 RPC_INSTANCES: Final = ({"name": "main", "port": RPC_PORT},)
+RPC_PEER_PORT_OFFSET: Final = 100
+"""A worker takes the hidden states other workers push to it (``--peer``, patch 0007) on its
+port + this; 0: it does not, and they pass through the coordinator (stock llama.cpp)."""
 """The rpc_worker role's default: a worker host without rpc_worker_instances runs this one."""
 
 LOCAL_WORKER_PORTS: Final = (RPC_PORT, RPC_PORT + 1)

@@ -43,6 +43,7 @@ pytestmark = [
 
 
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
+PEER_PORT = defaults.RPC_PORT + defaults.RPC_PEER_PORT_OFFSET  # where a worker takes pushes
 GROUPS = {"rpc_workers": ["w1", "w2"], "coordinator": ["coord"], "drafters": ["coord"],
           "proxy": ["coord"]}
 TOKEN = "deploy-test-token-7f3a"
@@ -195,6 +196,12 @@ def test_completion_through_the_proxy(deployed):
     for name in GROUPS["rpc_workers"]:
         peers = group[name].run("ss -tnH state established '( sport = :50052 )'").stdout
         assert f"{group['coord'].address}:" in peers, (name, peers)
+    # ... and the workers pass hidden states to each other: w1 (the first layers) pushes into
+    # w2's peer port, named in the coordinator's GGML_RPC_PEERS.
+    env = group["coord"].run("systemctl show -p Environment --value tightwad-coordinator").stdout
+    assert f"GGML_RPC_PEERS={group['w1'].address}:50052={group['w1'].address}:{PEER_PORT}" in env
+    pushed = group["w2"].run(f"ss -tnH state established '( sport = :{PEER_PORT} )'").stdout
+    assert f"{group['w1'].address}:" in pushed, pushed
     # The proxy drafts on the drafter and verifies on the coordinator.
     request = urllib.request.Request(f"http://{group['coord'].address}:8088/tightwad/status",
                                      headers={"Authorization": f"Bearer {TOKEN}"})
@@ -279,7 +286,7 @@ def _controller_connects(dst, port: int) -> bool:
         return False
 
 
-def test_rpc_port_admits_only_the_coordinator(deployed):
+def test_rpc_ports_admit_only_the_coordinator_and_peer_ports_only_workers(deployed):
     group, _, _, _ = deployed
     assert _connects(group["coord"], group["w1"])
     assert _connects(group["coord"], group["w2"])
@@ -287,9 +294,15 @@ def test_rpc_port_admits_only_the_coordinator(deployed):
     assert not _connects(group["w2"], group["w1"])
     assert not _connects(group["w1"], group["w2"])
     assert not _controller_connects(group["w1"], 50052)
-    # Fail closed: the worker requires its firewall, which was loaded before it started.
+    # The peer port: only the other workers push there.
+    assert _connects(group["w2"], group["w1"], PEER_PORT)
+    assert _connects(group["w1"], group["w2"], PEER_PORT)
+    assert not _connects(group["coord"], group["w1"], PEER_PORT)
+    assert not _controller_connects(group["w2"], PEER_PORT)
+    # Fail closed: the worker requires its firewalls, which were loaded before it started.
     unit = group["w1"].run("systemctl show -p Requires -p After --value tightwad-rpc-main").stdout
     assert unit.count("tightwad-rpc-firewall.service") == 2, unit
+    assert unit.count("tightwad-rpc_peer-firewall.service") == 2, unit
 
 
 def test_coordinator_and_drafter_admit_only_the_proxy_and_demand_a_key(deployed):
@@ -437,7 +450,7 @@ def test_stop_then_teardown_removes_everything(deployed):
     for name in UNITS:
         host = group[name]
         assert host.run("ls /etc/systemd/system/ | grep -c tightwad", check=False).stdout.strip() == "0"
-        for table in ("rpc", "coordinator", "drafter"):
+        for table in ("rpc", "rpc_peer", "coordinator", "drafter"):
             assert host.run(f"nft list table inet tightwad_{table}", check=False).returncode != 0
         for path in ("/opt/tightwad", "/etc/tightwad", "/var/lib/tightwad"):
             assert host.run(f"test -e {path}", check=False).returncode != 0, (name, path)

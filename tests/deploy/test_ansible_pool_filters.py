@@ -45,6 +45,17 @@ def test_endpoints_follow_inventory_order_with_defaults():
         [f"10.0.0.1:{defaults.RPC_PORT}"]
 
 
+def test_endpoints_name_each_workers_peer_port():
+    """Where a worker takes hidden states pushed by the others: its port + the offset
+    (rpc_worker's default), or nowhere when its host sets the offset to 0."""
+    hostvars = {**HOSTVARS, "xeon": {"ansible_host": "192.168.7.13",
+                                     "rpc_worker_peer_port_offset": 0}}
+    endpoints = pool.tightwad_rpc_endpoints(["rig", "xeon"], hostvars)
+    offset = defaults.RPC_PEER_PORT_OFFSET
+    assert [e["peer"] for e in endpoints] == [f"192.168.7.10:{50052 + offset}",
+                                             f"192.168.7.10:{50053 + offset}", ""]
+
+
 def test_two_workers_on_one_port_are_refused():
     hostvars = {"a": {"ansible_host": "10.0.0.1",
                       "rpc_worker_instances": [{"name": "x", "port": 1}, {"name": "y", "port": 1}]}}

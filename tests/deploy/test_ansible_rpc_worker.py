@@ -1,6 +1,7 @@
 """The rpc_worker role's rendered service files: the systemd unit passes ``systemd-analyze
-verify``, the launchd plist parses with plistlib, the nftables rules admit only the coordinator,
-and the role refuses to listen on every interface by default."""
+verify``, the launchd plist parses with plistlib, the nftables rules admit only the coordinator
+to the RPC ports and only the pool's workers to the peer ports, and the role refuses to listen
+on every interface by default."""
 
 from __future__ import annotations
 
@@ -28,11 +29,17 @@ all:
     worker:
       ansible_connection: local
       ansible_host: 10.77.0.12
+    worker2:
+      ansible_host: 10.77.0.14
   children:
     coordinator:
       hosts:
         coord:
           ansible_host: 10.77.0.13
+    rpc_workers:
+      hosts:
+        worker:
+        worker2:
 """
 
 RENDER = """\
@@ -41,6 +48,7 @@ RENDER = """\
   gather_facts: false
   vars_files:
     - {defaults}
+    - {vars}
     - {fw_defaults}
   tasks:
     - name: Render {{{{ item.src }}}}
@@ -55,12 +63,26 @@ RENDER = """\
         - {{src: {fw_templates}/tightwad-firewall.service.j2, dest: tightwad-rpc-firewall.service}}
       vars:
         _rpc_worker: {{name: gpu0, port: 50053, device: CUDA0}}
-        # What the pool_firewall role (the rpc_worker role's firewall) is called with.
-        _rpc_worker_fw_unit: tightwad-rpc-firewall.service
+        # What the pool_firewall role (the rpc_worker role's firewalls) is called with.
+        _rpc_worker_fw_units: [tightwad-rpc-firewall.service, tightwad-rpc_peer-firewall.service]
         pool_firewall_name: rpc
         pool_firewall_ports: [50052]
         pool_firewall_sources: "{{{{ rpc_worker_allowed_sources }}}}"
         pool_firewall_nftables_file: "{{{{ rpc_worker_nftables_file }}}}"
+    - name: Render the peer ports' {{{{ item.src }}}}
+      ansible.builtin.template:
+        src: "{{{{ item.src }}}}"
+        dest: "{{{{ out }}}}/{{{{ item.dest }}}}"
+        mode: "0644"
+      loop:
+        - {{src: {fw_templates}/firewall.nft.j2, dest: rpc-worker-peer.nft}}
+        - {{src: {fw_templates}/tightwad-firewall.service.j2,
+           dest: tightwad-rpc_peer-firewall.service}}
+      vars:
+        pool_firewall_name: rpc_peer
+        pool_firewall_ports: "{{{{ _rpc_worker_peer_ports }}}}"
+        pool_firewall_sources: "{{{{ rpc_worker_peer_sources }}}}"
+        pool_firewall_nftables_file: "{{{{ rpc_worker_peer_nftables_file }}}}"
 """
 
 # The checks alone (include_role would run the llama_cpp dependency first).
@@ -70,6 +92,7 @@ PREFLIGHT = f"""\
   gather_facts: false
   vars_files:
     - {ROLE}/defaults/main.yml
+    - {ROLE}/vars/main.yml
   tasks:
     - name: Run the role's checks
       ansible.builtin.import_tasks: {ROLE}/tasks/preflight.yml
@@ -100,6 +123,7 @@ def rendered(tmp_path_factory) -> Path:
     fake.write_text("#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)
     result = run_playbook(tmp, RENDER.format(defaults=ROLE / "defaults" / "main.yml",
+                                             vars=ROLE / "vars" / "main.yml",
                                              fw_defaults=FIREWALL / "defaults" / "main.yml",
                                              templates=ROLE / "templates",
                                              fw_templates=FIREWALL / "templates"),
@@ -112,12 +136,12 @@ def test_unit_binds_the_pool_address_with_cache_and_hardening(rendered):
     unit = (rendered / "tightwad-rpc-gpu0.service").read_text()
     assert unit.startswith("# Ansible managed")
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    assert exec_start.endswith(
-        "/ggml-rpc-server --host 10.77.0.12 --port 50053 --device CUDA0 --cache")
+    assert exec_start.endswith("/ggml-rpc-server --host 10.77.0.12 --port 50053 --device CUDA0 "
+                               "--cache --peer 10.77.0.12:50153")
     assert "0.0.0.0" not in unit
-    # Fail closed: no worker without its firewall (a failed `nft -f` keeps it down).
-    assert "Requires=tightwad-rpc-firewall.service" in unit.splitlines()
-    assert "After=tightwad-rpc-firewall.service" in unit.splitlines()
+    # Fail closed: no worker without its firewalls (a failed `nft -f` keeps it down).
+    for fw in ("tightwad-rpc-firewall.service", "tightwad-rpc_peer-firewall.service"):
+        assert f"Requires={fw}" in unit.splitlines() and f"After={fw}" in unit.splitlines()
     for line in ("User=tightwad-rpc", "NoNewPrivileges=yes", "ProtectSystem=strict",
                  "Restart=on-failure", "CacheDirectory=tightwad-rpc/gpu0",
                  "Environment=LLAMA_CACHE=/var/cache/tightwad-rpc/gpu0"):
@@ -141,7 +165,8 @@ def test_launchd_plist_parses(rendered):
         plist = plistlib.load(fh)
     assert plist["Label"] == "com.tightwad.rpc.gpu0"
     assert plist["ProgramArguments"][1:] == ["--host", "10.77.0.12", "--port", "50053",
-                                             "--device", "CUDA0", "--cache"]
+                                             "--device", "CUDA0", "--cache",
+                                             "--peer", "10.77.0.12:50153"]
     assert plist["ProgramArguments"][0].endswith("/ggml-rpc-server")
     assert plist["KeepAlive"] is True and plist["RunAtLoad"] is True
 
@@ -161,6 +186,18 @@ def test_nftables_rules_admit_only_the_coordinator(rendered):
         assert result.returncode == 0, result.stderr
 
 
+def test_peer_port_rules_admit_only_the_pools_workers(rendered):
+    rules = (rendered / "rpc-worker-peer.nft").read_text()
+    assert "table inet tightwad_rpc_peer {" in rules
+    assert "ip saddr { 10.77.0.12, 10.77.0.14 } tcp dport { 50152 } accept" in rules
+    assert rules.index("accept") < rules.index("tcp dport { 50152 } drop")
+    assert "10.77.0.13" not in rules  # the coordinator pushes nothing there
+    if shutil.which("nft") and os.geteuid() == 0:
+        result = subprocess.run(["nft", "-c", "-f", str(rendered / "rpc-worker-peer.nft")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.parametrize("extra,needle", [
     ({"rpc_worker_bind_address": "0.0.0.0"}, "rpc_worker_allow_any_address=true"),
     # What inet_addr (the worker's parser) reads as every interface, whatever the spelling.
@@ -175,6 +212,11 @@ def test_nftables_rules_admit_only_the_coordinator(rendered):
     ({"rpc_worker_bind_address": "255.255.255.255"}, "tightwad_pool_address"),
     ({"rpc_worker_instances": [{"name": "a", "port": 1}, {"name": "b", "port": 1}]}, "unique"),
     ({"rpc_worker_coordinator_group": "nobody"}, "no coordinator address"),
+    # a peer port that is another instance's RPC port, or past 65535
+    ({"rpc_worker_instances": [{"name": "a", "port": 50052}, {"name": "b", "port": 50152}]},
+     "rpc_worker_peer_port_offset"),
+    ({"rpc_worker_instances": [{"name": "a", "port": 65500}]}, "at most 65535"),
+    ({"rpc_worker_peer_group": "nobody"}, "must name the workers"),
 ])
 def test_preflight_refuses_unsafe_or_broken_settings(tmp_path, extra, needle):
     extra_file = tmp_path / "extra.json"
@@ -186,4 +228,11 @@ def test_preflight_refuses_unsafe_or_broken_settings(tmp_path, extra, needle):
 
 def test_preflight_accepts_the_defaults(tmp_path):
     result = run_playbook(tmp_path, PREFLIGHT)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_preflight_accepts_no_peer_port(tmp_path):
+    """Offset 0: no peer port, so no peer group is needed (the coordinator relays)."""
+    result = run_playbook(tmp_path, PREFLIGHT, "-e", "rpc_worker_peer_port_offset=0",
+                          "-e", "rpc_worker_peer_group=nobody")
     assert result.returncode == 0, result.stdout[-3000:]

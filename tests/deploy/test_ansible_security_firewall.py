@@ -160,6 +160,7 @@ PF = f"""\
   gather_facts: false
   vars_files:
     - {ROLES}/rpc_worker/defaults/main.yml
+    - {ROLES}/rpc_worker/vars/main.yml
   tasks:
     - name: Render
       ansible.builtin.template:
@@ -172,10 +173,11 @@ PF = f"""\
       vars:
         rpc_worker_instances: [{{name: metal, port: 50052}}, {{name: cpu, port: 50053}}]
         rpc_worker_allowed_sources: [10.0.0.13, "fd00::13"]
+        rpc_worker_peer_sources: [10.0.0.21, 10.0.0.22]
 """
 
 
-def test_macos_pf_rules_admit_only_the_coordinator(tmp_path):
+def test_macos_pf_rules_admit_only_the_coordinator_and_the_workers_peers(tmp_path):
     import plistlib
 
     result = _play(tmp_path, PF, "-e", f"out={tmp_path}")
@@ -187,6 +189,11 @@ def test_macos_pf_rules_admit_only_the_coordinator(tmp_path):
         "pass in quick on lo0 proto tcp from any to any port { 50052, 50053 }",
         "pass in quick proto tcp from <tightwad_rpc_coordinator> to any port { 50052, 50053 }",
         "block drop in quick proto tcp from any to any port { 50052, 50053 }",
+        # the peer ports (port + rpc_worker_peer_port_offset): only the pool's workers
+        "table <tightwad_rpc_peers> const { 10.0.0.21, 10.0.0.22 }",
+        "pass in quick on lo0 proto tcp from any to any port { 50152, 50153 }",
+        "pass in quick proto tcp from <tightwad_rpc_peers> to any port { 50152, 50153 }",
+        "block drop in quick proto tcp from any to any port { 50152, 50153 }",
     ]
     with (tmp_path / "com.tightwad.rpc.pf.plist").open("rb") as fh:
         daemon = plistlib.load(fh)

@@ -56,6 +56,8 @@ RENDER = """\
   vars_files:
     - {roles}/llama_server/defaults/main.yml
     - {roles}/llama_server/vars/main.yml
+    - {roles}/coordinator/defaults/main.yml
+    - {roles}/coordinator/vars/main.yml
     - {roles}/proxy/defaults/main.yml
     - {roles}/proxy/vars/main.yml
   vars:
@@ -76,6 +78,8 @@ RENDER = """\
         llama_server_draft_model: /models/small.gguf
         llama_server_api_key: coordinator-key-from-the-inventory
         llama_server_args: [--rpc, "10.77.0.11:50052,10.77.0.12:50052", --tensor-split, "3,1"]
+        # As the coordinator role passes it: the workers' peer endpoints.
+        llama_server_environment: "{{{{ _coordinator_environment }}}}"
         # What the pool_firewall role reports for an nftables host.
         _llama_server_fw_unit: tightwad-coordinator-firewall.service
     - name: Render the coordinator's firewall unit (its unit Requires= it)
@@ -150,6 +154,11 @@ def test_coordinator_unit_runs_the_pool_without_secrets_on_the_command_line(rend
                  "UnsetEnvironment=LLAMA_SERVER_SLOTS_DEBUG",
                  "Restart=on-failure", "StartLimitIntervalSec=0", "PrivateDevices=yes"):
         assert line in unit.splitlines(), line
+    # Workers pass hidden states to each other: every instance's --rpc endpoint and its port
+    # + rpc_worker_peer_port_offset, on the worker's pool address.
+    assert ('Environment="GGML_RPC_PEERS=10.77.0.11:50052=10.77.0.11:50152,'
+            '10.77.0.12:50052=10.77.0.12:50152,10.77.0.12:50053=10.77.0.12:50153"'
+            in unit.splitlines())
 
 
 def test_proxy_config_is_accepted_by_the_proxy_and_points_at_the_pool(rendered):

@@ -42,6 +42,7 @@ EXPECTED: dict[str, Any] = {
     "llama_server_parallel": defaults.SLOTS,
     "proxy_port": defaults.PROXY_PORT,
     "rpc_worker_instances": [dict(instance) for instance in defaults.RPC_INSTANCES],
+    "rpc_worker_peer_port_offset": defaults.RPC_PEER_PORT_OFFSET,
 }
 
 

@@ -444,8 +444,9 @@ def test_start_with_an_emulated_link_status_bench_stop(bin_dir: Path, models: Mo
         assert "link: wifi (emulated: 5 ms RTT" in done.stdout, done.stdout
         recorded = json.loads((state / "state.json").read_text())
         assert recorded["link"] == "wifi"
-        relays = [s for s in recorded["services"] if s["kind"] == "link"]
-        assert [r["name"] for r in relays] == ["link0", "link1"]
+        links = [s for s in recorded["services"] if s["kind"] == "link"]
+        assert [r["name"] for r in links] == ["link0", "link1", "peer-link0", "peer-link1"]
+        relays, peer_links = links[:2], links[2:]
         for relay, worker_port in zip(relays, workers):
             # Its own process (the CLI has exited), relaying to its worker.
             cmdline = Path(f"/proc/{relay['pid']}/cmdline").read_bytes().split(b"\0")
@@ -455,6 +456,14 @@ def test_start_with_an_emulated_link_status_bench_stop(bin_dir: Path, models: Mo
         coordinator = next(s for s in recorded["services"] if s["kind"] == "coordinator")
         rpc = coordinator["args"][coordinator["args"].index("--rpc") + 1]
         assert rpc == ",".join(f"127.0.0.1:{r['port']}" for r in relays)
+        # Worker to worker goes over an emulated link too: into each worker's peer port.
+        environ = Path(f"/proc/{coordinator['pid']}/environ").read_bytes().split(b"\0")
+        assert ("GGML_RPC_PEERS=" + ",".join(
+            f"127.0.0.1:{r['port']}=127.0.0.1:{p['port']}" for r, p in zip(relays, peer_links))
+        ).encode() in environ
+        for link in peer_links:
+            cmdline = Path(f"/proc/{link['pid']}/cmdline").read_bytes().split(b"\0")
+            assert b"tightwad.pool.linkemu" in cmdline and b"wifi" in cmdline
 
         status = tightwad("status", "--local", "--state-dir", str(state), "--json")
         assert status.returncode == 0, status.stdout + status.stderr

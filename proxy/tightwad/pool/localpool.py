@@ -105,7 +105,8 @@ class Launched:
     coordinator: LlamaServer
     drafter: LlamaServer | None
     proxy: HttpService
-    links: list[RpcWorker] = field(default_factory=list)  # relays, one per worker, in order
+    # emulated links: one in front of each worker, then one in front of each peer port
+    links: list[RpcWorker] = field(default_factory=list)
 
 
 def link_choice(name: str | None) -> str | None:
@@ -154,11 +155,17 @@ def local_split(spec: LaunchSpec, workers: Sequence[RpcWorker]) -> placement.Pla
 
 def launch(group: ProcessGroup, spec: LaunchSpec) -> Launched:
     """Start workers, the pooled coordinator, the drafter and the proxy; wait until healthy."""
-    workers = [group.rpc_worker(name=f"worker{i}", port=port, cache=True)
+    # Workers pass hidden states to each other (their peer ports), as a deployed pool does.
+    workers = [group.rpc_worker(name=f"worker{i}", port=port, cache=True, peer=True)
                for i, port in enumerate(spec.worker_ports)]
-    links = [] if spec.link is None else [
-        group.link_relay(w, spec.link, name=f"link{i}") for i, w in enumerate(workers)]
-    coordinator = group.llama_server(spec.model, name="coordinator", rpc=links or workers,
+    links, peer_links = [], []
+    if spec.link is not None:  # every link emulated: to each worker, and into each peer port
+        links = [group.link_relay(w, spec.link, name=f"link{i}") for i, w in enumerate(workers)]
+        peer_links = [group.link_relay(w, spec.link, name=f"peer-link{i}", peer=True)
+                      for i, w in enumerate(workers)]
+    rpc = links or workers
+    peers = {r.endpoint: p.endpoint for r, p in zip(links, peer_links)} if links else None
+    coordinator = group.llama_server(spec.model, name="coordinator", rpc=rpc, peers=peers,
                                      port=spec.coordinator_port, slots=spec.slots, ctx=spec.ctx,
                                      args=[*coordinator_args(), "--tensor-split",
                                            local_split(spec, workers).tensor_split])
@@ -169,7 +176,7 @@ def launch(group: ProcessGroup, spec: LaunchSpec) -> Launched:
     proxy = group.tightwad_proxy(target=coordinator, drafter=drafter, slots=spec.slots,
                                  port=spec.proxy_port, mode="remote" if drafter else "off",
                                  env=spec.proxy_env)
-    return Launched(workers, coordinator, drafter, proxy, links)
+    return Launched(workers, coordinator, drafter, proxy, [*links, *peer_links])
 
 
 def services_of(launched: Launched) -> list[Service]:

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,10 +97,22 @@ class Proc:
 class RpcWorker(Proc):
     host: str = LOOPBACK
     port: int = 0
+    peer_port: int = 0  # where it takes tensors pushed by other workers (--peer); 0: none
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def peer(self) -> str:
+        return f"{self.host}:{self.peer_port}" if self.peer_port else ""
+
+
+def peers_env(peers: Mapping[str, str]) -> dict[str, str]:
+    """The coordinator's environment for worker-to-worker transfers (patch 0007): each worker
+    endpoint as its ``--rpc`` names it, and the endpoint where that worker takes tensors pushed
+    by the others. A copy between two workers named here skips the coordinator."""
+    return {"GGML_RPC_PEERS": ",".join(f"{w}={p}" for w, p in peers.items())} if peers else {}
 
 
 @dataclass
@@ -174,19 +186,25 @@ class ProcessGroup:
 
     def rpc_worker(self, *, name: str | None = None, port: int | None = None,
                    host: str = LOOPBACK, cache: bool = False, args: Sequence[str] = (),
-                   timeout: float = 30, cache_dir: Path | None = None) -> RpcWorker:
+                   timeout: float = 30, cache_dir: Path | None = None,
+                   peer: bool = False) -> RpcWorker:
         """Start ``ggml-rpc-server`` and wait until its port accepts connections.
         ``cache_dir``: where its tensor cache (``--cache``) lives, e.g. to restart a worker
-        with the cache of its predecessor (default: a directory of its own in the log dir)."""
+        with the cache of its predecessor (default: a directory of its own in the log dir).
+        ``peer``: also listen on a port of its own for tensors pushed by other workers."""
         port = port or free_port(host)
+        peer_port = free_port(host) if peer else 0
         name = self._unique(name or "rpc-worker")
         cmd = [self.bin_dir / "ggml-rpc-server", "--host", host, "--port", str(port),
-               "--threads", str(self.threads), *(["--cache"] if cache else []), *args]
+               "--threads", str(self.threads), *(["--cache"] if cache else []),
+               *(["--peer", f"{host}:{peer_port}"] if peer else []), *args]
         # The tensor cache (-c) lives under LLAMA_CACHE: keep it inside the log dir.
         env = {"LLAMA_CACHE": str(cache_dir or self.log_dir / f"{name}.cache")}
-        worker: RpcWorker = self._spawn(RpcWorker, name, cmd, env, host=host, port=port)
+        worker: RpcWorker = self._spawn(RpcWorker, name, cmd, env, host=host, port=port,
+                                        peer_port=peer_port)
         deadline = time.monotonic() + timeout
-        while not tcp_open(host, port):
+        # up once both listen (the peer port binds just after the RPC port)
+        while not (tcp_open(host, port) and (not peer or tcp_open(host, peer_port))):
             if not worker.alive():
                 raise worker.fail(f"exited with code {worker.popen.returncode}")
             if time.monotonic() > deadline:
@@ -195,15 +213,18 @@ class ProcessGroup:
         return worker
 
     def link_relay(self, upstream: RpcWorker, profile: str, *, name: str | None = None,
-                   port: int | None = None, timeout: float = 30) -> RpcWorker:
+                   port: int | None = None, timeout: float = 30,
+                   peer: bool = False) -> RpcWorker:
         """Start an emulated link (``python -m tightwad.pool.linkemu``, in a process of its own
         so that neither its caller nor a load generator slows it) in front of ``upstream``;
         return it as the endpoint to give a coordinator's ``--rpc`` instead of the worker's.
+        ``peer``: in front of the worker's peer port instead (the link other workers use).
         Ready once it says so in its log: no test connection, which would reach the worker."""
         port = port or free_port(upstream.host)
         name = self._unique(name or "link")
         cmd = [sys.executable, "-m", "tightwad.pool.linkemu", "--listen", str(port),
-               "--listen-host", upstream.host, "--upstream", upstream.endpoint,
+               "--listen-host", upstream.host,
+               "--upstream", upstream.peer if peer else upstream.endpoint,
                "--profile", profile]
         relay: RpcWorker = self._spawn(RpcWorker, name, cmd, host=upstream.host, port=port)
         deadline = time.monotonic() + timeout
@@ -220,10 +241,13 @@ class ProcessGroup:
                      rpc: Sequence[RpcWorker | str] = (), args: Sequence[str] = (),
                      ctx: int = 2048, slots: int = 1, port: int | None = None,
                      host: str = LOOPBACK, timeout: float = 120, wait: bool = True,
-                     pool_args: Sequence[str] = defaults.LLAMA_SERVER_ARGS) -> LlamaServer:
+                     pool_args: Sequence[str] = defaults.LLAMA_SERVER_ARGS,
+                     peers: Mapping[str, str] | None = None) -> LlamaServer:
         """Start ``llama-server`` (a pooled coordinator when ``rpc`` is given) and wait for health.
         ``pool_args``: the settings every pool server runs with (``()``: llama.cpp's own
-        defaults, to measure what they cost); ``args`` come after them and win."""
+        defaults, to measure what they cost); ``args`` come after them and win. ``peers``:
+        worker endpoint -> peer endpoint (:func:`peers_env`); by default, that of every
+        ``rpc`` worker started with a peer port."""
         port = port or free_port(host)
         name = self._unique(name or ("coordinator" if rpc else "llama-server"))
         cmd: list[Any] = [self.bin_dir / "llama-server", "-m", model, "--host", host,
@@ -233,8 +257,10 @@ class ProcessGroup:
             endpoints = [w.endpoint if isinstance(w, RpcWorker) else w for w in rpc]
             cmd += ["--rpc", ",".join(endpoints), "-ngl", "999"]
         cmd += [*pool_args, *args]
-        server: LlamaServer = self._spawn(LlamaServer, name, cmd, host=host, port=port,
-                                          model=model)
+        if peers is None:
+            peers = {w.endpoint: w.peer for w in rpc if isinstance(w, RpcWorker) and w.peer}
+        server: LlamaServer = self._spawn(LlamaServer, name, cmd, peers_env(peers), host=host,
+                                          port=port, model=model)
         if wait:
             self.wait_healthy(server, timeout)
         return server
