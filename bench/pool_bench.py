@@ -105,6 +105,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", default="a,b,c,c2,d,e", help="which configurations to run")
     p.add_argument("--workers", type=int, default=FULL_RUN["workers"],
                    help="RPC workers of the pool")
+    p.add_argument("--no-peers", dest="peers", action="store_false",
+                   help="workers pass hidden states through the coordinator (GET, then SET), "
+                        "as stock llama.cpp does, instead of to each other")
     p.add_argument("--threads", type=int, default=1, help="threads per llama.cpp process")
     p.add_argument("--legacy-venv", type=Path, default=Path(DEFAULT_LEGACY_VENV),
                    help=f"virtualenv holding tightwad {LEGACY_VERSION} for (e)")

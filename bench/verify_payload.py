@@ -1,20 +1,23 @@
 #!/usr/bin/env python3
 """What does ``--output-top-n`` save? Bytes and time of a verify, and of a plain decoded token.
 
-Two loopback pools side by side, identical but for the flag: each 2 ``ggml-rpc-server`` workers
-behind link-emulator relays (:mod:`tightwad.pool.linkemu`, ``--profile``) and a coordinator
+Loopback pools side by side, identical but for the flag: each ``--workers`` ``ggml-rpc-server``
+workers behind link-emulator relays (:mod:`tightwad.pool.linkemu`, ``--profile``) and a coordinator
 ``llama-server`` with ``--verify-max-tokens 32`` and one slot, holding the 128k-vocabulary test
 target; ``full`` pulls n_vocab logits per output row (patch 0001 alone), ``top-n`` runs with
 ``--output-top-n N`` (patch 0005: the worker holding the output layer sends N ids and
-probabilities per row). Per prompt, repetition and configuration, in rotating order, each
+probabilities per row); ``top-n-peer`` is ``top-n`` whose workers pass the hidden states to each
+other (patch 0007: ``--peer`` ports, behind relays of their own, named in ``GGML_RPC_PEERS``)
+instead of through the coordinator. Per prompt, repetition and configuration, in rotating order, each
 request once untimed (so the timed one reuses its graph, as a steady stream would) and once timed:
 
 - ``verify k``: context + the target's k greedy tokens, ``prompt_logprobs: k``, ``n_probs: 1``,
   ``n_predict: 1`` (the proxy's greedy verify), for each ``--k``;
 - ``decode``: ``n_predict: 16`` from the cached context, greedy, no ``n_probs``.
 
-Reports median wall ms with its bootstrap 95% CI, bytes to / from the workers per request (the
-relays' counters) and per decoded token, and writes everything to ``--json``.
+Reports median wall ms with its bootstrap 95% CI, bytes to / from the workers over the
+coordinator's links and between workers, per request (the relays' counters) and per decoded
+token, and writes everything to ``--json``.
 
     .venv/bin/python bench/verify_payload.py --profile wifi --json payload-wifi.json
 """
@@ -52,7 +55,7 @@ PROMPTS = [
 # the coordinator's own CPU (``-ot output.weight=CPU``: only hidden states cross the link).
 OUTPUT_ON_COORDINATOR = ["--override-tensor", r"output\.weight=CPU"]
 CONFIG_ARGS = {"full": [], "top-n": None, "full-out-coord": OUTPUT_ON_COORDINATOR,
-               "top-n-out-coord": None}
+               "top-n-out-coord": None, "top-n-peer": None}
 VERIFY_MAX_TOKENS = 32
 DECODE_TOKENS = 16
 
@@ -68,16 +71,27 @@ class Sample:
     bytes_up: int
     bytes_down: int
     round_trips: int
+    bytes_between: int = 0  # over the links between workers (top-n-peer)
 
 
-def post(server: LlamaServer, relays: RelayThread, body: dict) -> tuple[dict, float, LinkStats]:
-    before = relays.stats()
+@dataclass
+class Pool:
+    server: LlamaServer
+    relays: RelayThread  # the coordinator's links to the workers, then the peer ports' links
+    n_workers: int
+
+
+def post(pool: Pool, body: dict) -> tuple[dict, float, LinkStats, LinkStats]:
+    """One request: its answer, wall ms, and the bytes over the coordinator's links and over
+    the links between workers."""
+    before = pool.relays.stats()
     started = time.perf_counter()
-    res = server.post("/completion", {"temperature": 0, "cache_prompt": True, "id_slot": 0,
-                                      "return_tokens": True, **body}, timeout=300)
+    res = pool.server.post("/completion", {"temperature": 0, "cache_prompt": True, "id_slot": 0,
+                                           "return_tokens": True, **body}, timeout=300)
     wall_ms = (time.perf_counter() - started) * 1e3
-    moved = sum((a - b for a, b in zip(relays.stats(), before)), LinkStats())
-    return res, wall_ms, moved
+    moved = [a - b for a, b in zip(pool.relays.stats(), before)]
+    return (res, wall_ms, sum(moved[:pool.n_workers], LinkStats()),
+            sum(moved[pool.n_workers:], LinkStats()))
 
 
 def check(ok: bool, message: str) -> None:
@@ -102,6 +116,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per prompt")
     p.add_argument("--prompts", type=int, default=2, help=f"how many of the {len(PROMPTS)} "
                    "built-in prompts to use")
+    p.add_argument("--workers", type=int, default=2, help="RPC workers per pool")
     p.add_argument("--threads", type=int, default=1, help="threads per llama.cpp process")
     p.add_argument("--bin-dir", type=Path,
                    help="llama.cpp binaries (default: the cached build, built if missing)")
@@ -127,6 +142,7 @@ def summarize(samples: list[Sample], requests: list[str],
                 "bytes_up": statistics.median(s.bytes_up for s in mine) / per,
                 "bytes_down": statistics.median(s.bytes_down for s in mine) / per,
                 "round_trips": statistics.median(s.round_trips for s in mine),
+                "bytes_between": statistics.median(s.bytes_between for s in mine) / per,
             }
     return out
 
@@ -134,8 +150,8 @@ def summarize(samples: list[Sample], requests: list[str],
 def table(summary: dict[str, Any], requests: list[str], link: str,
           configs: Sequence[str]) -> str:
     rows = ["| Link | Request | Config | Wall ms, median [95% CI] (p25-p75) | Server ms | "
-            "Bytes to / from workers | Round trips | Wall speed-up |",
-            "|---|---|---|---|---|---|---|---|"]
+            "Bytes to / from workers | Between workers | Round trips | Wall speed-up |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for request in requests:
         label = f"{request} (per token)" if request == "decode" else request
         full_ms = summary[f"{request} / {configs[0]}"]["wall_ms"]["median"]
@@ -148,7 +164,8 @@ def table(summary: dict[str, Any], requests: list[str], link: str,
                 f"{w['ci_hi']:.0f}] ({w['p25']:.0f}-{w['p75']:.0f})"
                 f"{f', {ms:.1f}/token' if request == 'decode' else ''} | "
                 f"{e['server_ms']['median']:.0f} | {fmt_bytes(e['bytes_up'])} / "
-                f"{fmt_bytes(e['bytes_down'])} | {e['round_trips']:g} | "
+                f"{fmt_bytes(e['bytes_down'])} | {fmt_bytes(e.get('bytes_between', 0))} | "
+                f"{e['round_trips']:g} | "
                 f"{full_ms / w['median']:.2f}x |")
     return "\n".join(rows)
 
@@ -171,21 +188,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples: list[Sample] = []
     with tempfile.TemporaryDirectory(prefix="tightwad-bench-") as log_dir, \
             ProcessGroup(bin_dir=bin_dir, log_dir=Path(log_dir), threads=args.threads) as group:
-        pools: dict[str, tuple[LlamaServer, RelayThread]] = {}
+        pools: dict[str, Pool] = {}
         try:
             for config in configs:
-                workers = [group.rpc_worker(name=f"{config}-worker{i}") for i in range(2)]
-                relays = RelayThread([w.endpoint for w in workers], args.profile, seed=0).start()
+                peer = config.endswith("-peer")
+                workers = [group.rpc_worker(name=f"{config}-worker{i}", peer=peer)
+                           for i in range(args.workers)]
+                relays = RelayThread([*(w.endpoint for w in workers),
+                                      *(w.peer for w in workers if peer)],
+                                     args.profile, seed=0).start()
+                rpc = relays.endpoints[:args.workers]
                 extra = ((["--output-top-n", str(args.top_n)] if "top-n" in config else [])
                          + (OUTPUT_ON_COORDINATOR if "out-coord" in config else []))
                 server = group.llama_server(
-                    models.target, name=config, rpc=relays.endpoints, slots=1, timeout=600,
-                    args=["--verify-max-tokens", str(VERIFY_MAX_TOKENS), *extra])
-                pools[config] = (server, relays)
-            server0 = pools[configs[0]][0]
+                    models.target, name=config, rpc=rpc, slots=1, timeout=600,
+                    args=["--verify-max-tokens", str(VERIFY_MAX_TOKENS), *extra],
+                    peers=dict(zip(rpc, relays.endpoints[args.workers:])))
+                pools[config] = Pool(server, relays, args.workers)
+            server0 = pools[configs[0]].server
             n_vocab = server0.get("/v1/models")["data"][0]["meta"]["n_vocab"]
             print(f"model: {models.target.name}, {n_vocab}-token vocabulary; link "
-                  f"{pools[configs[0]][1].profile.describe()}; top-n pools: --output-top-n "
+                  f"{pools[configs[0]].relays.profile.describe()}; top-n pools: --output-top-n "
                   f"{args.top_n}", flush=True)
             for idx, text in enumerate(PROMPTS[:args.prompts]):
                 context = server0.post("/tokenize", {"content": text,
@@ -198,7 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     order = configs[shift:] + configs[:shift]
                     for request in requests:
                         for config in order:
-                            server, relays = pools[config]
                             if request == "decode":
                                 body = {"prompt": context, "n_predict": DECODE_TOKENS,
                                         "ignore_eos": True}
@@ -206,8 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 k = int(request.split()[1])
                                 body = {"prompt": context + greedy[:k], "n_predict": 1,
                                         "n_probs": 1, "prompt_logprobs": k}
-                            post(server, relays, body)  # untimed: the graph for this shape
-                            res, wall_ms, moved = post(server, relays, body)
+                            post(pools[config], body)  # untimed: the graph for this shape
+                            res, wall_ms, moved, between = post(pools[config], body)
                             t = res["timings"]
                             if request == "decode":
                                 check(len(res["tokens"]) == DECODE_TOKENS, f"{config}: {t}")
@@ -216,12 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             samples.append(Sample(config, request, idx, rep, wall_ms,
                                                   t["prompt_ms"] + t["predicted_ms"],
                                                   moved.bytes_up, moved.bytes_down,
-                                                  moved.round_trips))
+                                                  moved.round_trips, between.bytes_up))
                 print(f"prompt {idx + 1}/{args.prompts} done", flush=True)
         finally:
             group.close()  # before the relays go: a coordinator that loses a worker aborts
-            for _, relays in pools.values():
-                relays.close()
+            for pool in pools.values():
+                pool.relays.close()
     machine["loadavg_end"] = os.getloadavg()
     summary = summarize(samples, requests, configs)
     print()

@@ -118,9 +118,10 @@ class Bench:
         self.solo_text: dict[tuple[str, str, int], str] = {}  # (config, k, prompt) -> text
 
     def links(self) -> tuple[LinkStats, LinkStats]:
-        """(RPC traffic: pool workers + junk rpc-server, drafter HTTP traffic)."""
+        """(RPC traffic: pool workers + junk rpc-server + worker to worker, drafter HTTP
+        traffic)."""
         stats = self.relays.stats()
-        rpc = sum(stats[: self.n_pool + 1], LinkStats())
+        rpc = sum([*stats[: self.n_pool + 1], *stats[self.n_pool + 2:]], LinkStats())
         return rpc, stats[self.n_pool + 1]
 
     def warm_up(self, ep: Endpoint, streams: int = 1) -> None:

@@ -65,10 +65,14 @@ def profile_round(single: LlamaServer, coordinator: LlamaServer, drafter_url: st
     rows: dict[str, list[float]] = {key: [] for key in (
         "draft_wall_ms", "draft_server_ms", "verify_wall_ms", "verify_server_ms",
         "verify_compute_ms", "verify_prompt_n", "draft_decode_ms_per_token",
-        "verify_rpc_bytes_down", "verify_rpc_bytes_up", "verify_rpc_round_trips")}
+        "verify_rpc_bytes_down", "verify_rpc_bytes_up", "verify_rpc_round_trips",
+        "verify_peer_bytes")}
 
-    def pool_traffic() -> LinkStats:
-        return sum(relays.stats()[:n_pool], LinkStats())
+    def pool_traffic() -> tuple[LinkStats, LinkStats]:
+        """(the workers' links to the coordinator, the links between workers: the relays
+        after the pool's, the junk host's and the drafter's)."""
+        stats = relays.stats()
+        return sum(stats[:n_pool], LinkStats()), sum(stats[n_pool + 2:], LinkStats())
 
     for rep in range(reps + 1):
         for i, (_, ids) in enumerate(prompts):
@@ -83,15 +87,16 @@ def profile_round(single: LlamaServer, coordinator: LlamaServer, drafter_url: st
             verify = {"prompt": ctx + draft, "n_predict": 1, "temperature": 0, "n_probs": 1,
                       "prompt_logprobs": len(draft), "cache_prompt": True, "id_slot": 0}
             walls = []
-            traffic = LinkStats()
+            traffic = between = LinkStats()
             for server in (coordinator, single):
                 server.post("/completion", {**verify, "prompt": ctx, "prompt_logprobs": 0})
-                before = pool_traffic() if server is coordinator else LinkStats()
+                before = pool_traffic() if server is coordinator else (LinkStats(), LinkStats())
                 t0 = time.perf_counter()
                 res = server.post("/completion", verify)
                 walls.append(((time.perf_counter() - t0) * 1e3, res["timings"]))
                 if server is coordinator:
-                    traffic = pool_traffic() - before
+                    after = pool_traffic()
+                    traffic, between = after[0] - before[0], after[1] - before[1]
             if rep == 0:
                 continue  # warm-up
             rows["draft_wall_ms"].append(draft_wall)
@@ -106,4 +111,5 @@ def profile_round(single: LlamaServer, coordinator: LlamaServer, drafter_url: st
             rows["verify_rpc_bytes_down"].append(traffic.bytes_down)
             rows["verify_rpc_bytes_up"].append(traffic.bytes_up)
             rows["verify_rpc_round_trips"].append(traffic.round_trips)
+            rows["verify_peer_bytes"].append(between.bytes_up)
     return {"k": k, **{key: bm.spread(v) for key, v in rows.items()}}

@@ -179,8 +179,11 @@ def setup_bullets(result: dict[str, Any]) -> list[str]:
     return [
         f"- **Link**: {result['link']}, emulated by `tightwad.pool.linkemu` relays (in a process "
         f"of their own) between the coordinator and each of the {s['workers']} RPC workers, "
-        "the junk host's rpc-server (c2) and the drafter (d, e); the proxy and the coordinator "
-        "share a host.",
+        "the junk host's rpc-server (c2) and the drafter (d, e)"
+        + (", and in front of each worker's peer port: the workers pass hidden states to each "
+           "other (patch 0007), not through the coordinator" if s.get("peers") else
+           "; the workers pass hidden states through the coordinator (stock llama.cpp)")
+        + "; the proxy and the coordinator share a host.",
         f"- **Machine**: {m['cpus']} CPU cores ({m['cpu_model']}), no GPU, {m['system']}; "
         f"every process (workers, coordinator, drafter, proxy, relays) on these cores with "
         f"{s['threads']} thread each. The machine was shared with other work (load average "
@@ -224,9 +227,12 @@ def pair_lines(result: dict[str, Any], h: str = "##") -> list[str]:
     payload = ""
     if k_show:
         p = per_k[k_show]
+        between = p.get("verify_peer_bytes")
         payload = (f" A verify of k = {k_show} moved "
                    f"{fmt_bytes(p['verify_rpc_bytes_down']['median'])} from the workers "
-                   f"(the logits of its {int(k_show) + 1} rows alone are "
+                   + (f"to the coordinator and {fmt_bytes(between['median'])} between workers "
+                      if between else "")
+                   + f"(the logits of its {int(k_show) + 1} rows alone are "
                    f"{fmt_bytes((int(k_show) + 1) * n_vocab * 4)}) and took "
                    f"{p['verify_wall_ms']['median']:.1f} ms on the pool against "
                    f"{p['verify_compute_ms']['median']:.1f} ms alone.")

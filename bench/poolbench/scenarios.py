@@ -73,7 +73,8 @@ class Run:
     pair: BenchPair
     single: LlamaServer  # the target alone: (a), and the reference
     drafter: LlamaServer
-    relays: RelayProcess  # the pool's workers, the junk host's rpc-server, the drafter
+    # the pool's workers, the junk host's rpc-server, the drafter, then the workers' peer ports
+    relays: RelayProcess
     bench: Bench
     result: dict[str, Any]
     log_dir: Path
@@ -86,6 +87,11 @@ class Run:
     @property
     def pool_rpc(self) -> list[str]:
         return self.relays.endpoints[: self.args.workers]
+
+    @property
+    def pool_peers(self) -> dict[str, str]:
+        """Each pool worker's relayed endpoint -> its relayed peer endpoint (none: --no-peers)."""
+        return dict(zip(self.pool_rpc, self.relays.endpoints[self.args.workers + 2:]))
 
     @property
     def junk_rpc(self) -> str:
@@ -126,7 +132,7 @@ def measure_all(args: argparse.Namespace, bin_dir: Path, pair: BenchPair, profil
     with ProcessGroup(bin_dir=bin_dir, log_dir=log_dir, threads=args.threads) as group:
         relays: RelayProcess | None = None
         try:
-            workers = [group.rpc_worker(name=f"worker{i}", cache=True)
+            workers = [group.rpc_worker(name=f"worker{i}", cache=True, peer=args.peers)
                        for i in range(args.workers)]
             junk = group.rpc_worker(name="junk-rpc", cache=True)
             single = group.llama_server(pair.target, name="single", ctx=CTX, slots=SLOTS,
@@ -134,7 +140,8 @@ def measure_all(args: argparse.Namespace, bin_dir: Path, pair: BenchPair, profil
             drafter = group.llama_server(pair.draft, name="drafter", ctx=CTX, slots=SLOTS,
                                          args=drafter_args())
             relays = RelayProcess([*(w.endpoint for w in workers), junk.endpoint,
-                                   f"{drafter.host}:{drafter.port}"], profile, seed=0)
+                                   f"{drafter.host}:{drafter.port}",
+                                   *(w.peer for w in workers if w.peer)], profile, seed=0)
             result["models"]["n_vocab"] = single.get("/v1/models")["data"][0]["meta"]["n_vocab"]
             prompts = [(text, single.post("/tokenize", {"content": text,
                                                         "add_special": True})["tokens"])
@@ -203,7 +210,7 @@ def serving(run: Run, config: str, k: str, rep: int) -> Iterator[Endpoint]:
         extra, with_junk = native_spec_args(config, k, run.pair.draft, run.args.workers)
         rpc = [*rpc, *([run.junk_rpc] if with_junk else [])]
     coord = start_coordinator(run.group, run.pair.target, rpc, f"coord-{config}-k{k}-r{rep}",
-                              extra)
+                              extra, run.pool_peers)
     try:
         if config == "d":
             proxy = start_proxy(run.group, coord, run.drafter_url, k, max(run.args.ks))
@@ -245,7 +252,8 @@ def measure_unit(run: Run, config: str, k: str, rep: int) -> None:
 def measure_profile(run: Run) -> None:
     """The parts of one round per k, on a fresh pooled coordinator."""
     log("round profile per k")
-    coord = start_coordinator(run.group, run.pair.target, run.pool_rpc, "coord-profile")
+    coord = start_coordinator(run.group, run.pair.target, run.pool_rpc, "coord-profile",
+                              peers=run.pool_peers)
     try:
         run.result["profile"] = profile_rounds(
             run.single, coord, run.drafter_url, run.relays, run.args.workers,

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,11 @@ def drafter_args() -> list[str]:
 
 
 def start_coordinator(group: ProcessGroup, model: Path, rpc: Sequence[str], name: str,
-                      extra: Sequence[str] = ()) -> LlamaServer:
+                      extra: Sequence[str] = (), peers: Mapping[str, str] | None = None
+                      ) -> LlamaServer:
+    """A pooled coordinator; ``peers``: worker endpoint -> peer endpoint (worker to worker)."""
     return group.llama_server(model, name=name, rpc=rpc, ctx=CTX, slots=SLOTS, timeout=900,
-                              args=[*coordinator_args(), *extra])
+                              args=[*coordinator_args(), *extra], peers=peers or {})
 
 
 def native_spec_args(config: str, k: str, draft: Path, n_workers: int) -> tuple[list[str], bool]:

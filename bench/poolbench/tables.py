@@ -128,8 +128,9 @@ def profile_table(result: dict[str, Any]) -> str:
     n_vocab = result["models"]["n_vocab"]
     rows = ["| k | draft call ms (drafter computing) | verify on the pool ms | same verify alone "
             "ms | verify / pool step | RPC bytes from workers per verify | logits of k+1 rows "
-            "(n_vocab x 4 B each) | RPC bytes to workers | RPC round trips per verify |",
-            "|" + "---|" * 9]
+            "(n_vocab x 4 B each) | RPC bytes to workers | RPC round trips per verify | bytes "
+            "between workers per verify |",
+            "|" + "---|" * 10]
     for k, p in sorted(per_k.items(), key=lambda kv: int(kv[0])):
         rows.append(
             f"| {k} | {p['draft_wall_ms']['median']:.1f} ({p['draft_server_ms']['median']:.1f}) | "
@@ -138,7 +139,9 @@ def profile_table(result: dict[str, Any]) -> str:
             f"{fmt_bytes(p['verify_rpc_bytes_down']['median'])} | "
             f"{fmt_bytes((int(k) + 1) * n_vocab * 4)} | "
             f"{fmt_bytes(p['verify_rpc_bytes_up']['median'])} | "
-            f"{p['verify_rpc_round_trips']['median']:.0f} |")
+            f"{p['verify_rpc_round_trips']['median']:.0f} | "
+            + (f"{fmt_bytes(p['verify_peer_bytes']['median'])} |" if "verify_peer_bytes" in p
+               else "- |"))
     return "\n".join(rows)
 
 
