@@ -8,8 +8,8 @@ target; ``full`` pulls n_vocab logits per output row (patch 0001 alone), ``top-n
 ``--output-top-n N`` (patch 0005: the worker holding the output layer sends N ids and
 probabilities per row); ``top-n-peer`` is ``top-n`` whose workers pass the hidden states to each
 other (patch 0007: ``--peer`` ports, behind relays of their own, named in ``GGML_RPC_PEERS``)
-instead of through the coordinator. Per prompt, repetition and configuration, in rotating order, each
-request once untimed (so the timed one reuses its graph, as a steady stream would) and once timed:
+instead of through the coordinator. Per prompt, repetition and configuration, in rotating order,
+each request once untimed (so the timed one reuses its graph, as a steady stream would) and once timed:
 
 - ``verify k``: context + the target's k greedy tokens, ``prompt_logprobs: k``, ``n_probs: 1``,
   ``n_predict: 1`` (the proxy's greedy verify), for each ``--k``;

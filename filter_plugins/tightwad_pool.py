@@ -95,6 +95,12 @@ def tightwad_service_url(hosts, hostvars, port_var: str) -> str:
     return f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
 
 
+def tightwad_peer_ports(instances, offset) -> list:
+    """Where each worker instance takes the hidden states other workers push to it
+    (``ggml-rpc-server --peer``): its port + ``rpc_worker_peer_port_offset``."""
+    return [int(inst["port"]) + int(offset) for inst in instances or []]
+
+
 def tightwad_rpc_endpoints(hosts, hostvars) -> list:
     """One dict per worker instance: host, address, port, name, device, rpc ("address:port"),
     peer (where it takes hidden states pushed by other workers, "" when it does not)."""
@@ -103,12 +109,13 @@ def tightwad_rpc_endpoints(hosts, hostvars) -> list:
         hv = hostvars[host]
         address = _address(host, hv)
         offset = int(tightwad_role_var(hv, "rpc_worker_peer_port_offset"))
-        for inst in tightwad_role_var(hv, "rpc_worker_instances"):
+        instances = tightwad_role_var(hv, "rpc_worker_instances")
+        for inst, peer_port in zip(instances, tightwad_peer_ports(instances, offset)):
             port = int(inst["port"])
             endpoints.append({"host": host, "address": address, "port": port,
                               "name": inst["name"], "device": str(inst.get("device") or ""),
                               "rpc": f"{address}:{port}",
-                              "peer": f"{address}:{port + offset}" if offset > 0 else ""})
+                              "peer": f"{address}:{peer_port}" if offset > 0 else ""})
     rpcs = [e["rpc"] for e in endpoints]
     if duplicates := sorted({r for r in rpcs if rpcs.count(r) > 1}):
         raise AnsibleFilterError(f"two RPC workers share the address and port {duplicates[0]}; "
@@ -281,6 +288,7 @@ class FilterModule:
         return {"tightwad_secret_weakness": tightwad_secret_weakness,
                 "tightwad_pool_addresses": tightwad_pool_addresses,
                 "tightwad_rpc_endpoints": tightwad_rpc_endpoints,
+                "tightwad_peer_ports": tightwad_peer_ports,
                 "tightwad_service_url": tightwad_service_url,
                 "tightwad_role_var": tightwad_role_var,
                 "tightwad_free_mib": tightwad_free_mib,

@@ -53,7 +53,7 @@ def start_coordinator(group: ProcessGroup, model: Path, rpc: Sequence[str], name
                       ) -> LlamaServer:
     """A pooled coordinator; ``peers``: worker endpoint -> peer endpoint (worker to worker)."""
     return group.llama_server(model, name=name, rpc=rpc, ctx=CTX, slots=SLOTS, timeout=900,
-                              args=[*coordinator_args(), *extra], peers=peers or {})
+                              args=[*coordinator_args(), *extra], peers=peers)
 
 
 def native_spec_args(config: str, k: str, draft: Path, n_workers: int) -> tuple[list[str], bool]:
